@@ -1,0 +1,5 @@
+import sys
+
+from tfhybrid.cli.main import main
+
+sys.exit(main())

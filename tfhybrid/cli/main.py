@@ -1,0 +1,79 @@
+"""Entry point of the ``tfhybrid`` command.
+
+Each subcommand lives in its own module of this package and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` (called with the parsed
+arguments, returning an exit code or ``None``). Errors print one line and exit non-zero; the
+traceback is shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Subcommand modules, in the order ``--help`` lists them.
+SUBCOMMAND_MODULES = (
+    "tfhybrid.cli.demo",
+    "tfhybrid.cli.data",
+    "tfhybrid.cli.train",
+    "tfhybrid.cli.lens",
+    "tfhybrid.cli.deblend",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tfhybrid import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="tfhybrid",
+        description=(
+            "Hybrid physical / deep-learning inference for astronomical images: "
+            "strong-lensing source reconstruction with a VAE prior and multi-band deblending "
+            "with a PixelCNN++ prior."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"tfhybrid {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show full tracebacks and TensorFlow logging"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:  # subcommand not part of this build
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    if not debug:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        print("tfhybrid: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one clear line for the user, traceback on --debug
+        if debug:
+            raise
+        kind = type(err).__name__
+        print(f"tfhybrid {args.command}: error: {err} ({kind}; rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Atomic file output: every file tfhybrid writes goes to a temporary name, then is renamed.
+
+A job killed midway therefore never leaves a half-written FITS, JSON, PNG or NPZ file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    The temporary file keeps ``path``'s suffix so that writers choosing a format from the
+    extension (matplotlib, astropy) still work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+    return Path(path)
+
+
+def write_fits_atomic(path: str | os.PathLike, hdulist) -> Path:
+    """Write an ``astropy.io.fits.HDUList`` atomically (overwriting ``path``)."""
+    with atomic_path(path) as tmp:
+        hdulist.writeto(tmp, overwrite=True)
+    return Path(path)
+
+
+def savefig_atomic(fig, path: str | os.PathLike, **kwargs) -> Path:
+    """Save a matplotlib figure atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **kwargs)
+    return Path(path)
+
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
