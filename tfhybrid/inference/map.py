@@ -1,0 +1,357 @@
+"""Maximum a posteriori estimates with Adam or L-BFGS in unconstrained space.
+
+The MAP of 003_* eq. 26 (and 000_* eq. 3) maximises log p(θ | data). Constrained parameters
+(positive Einstein radius, axis ratio in (0, 1], …) are optimised through TFP bijectors:
+θ = b(u) with u unconstrained, so every iterate stays inside the support. The objective is
+−log p(b(u)) WITHOUT the log-Jacobian, so the optimum is the MAP of the constrained posterior
+(the quantity the paper reports), not of the density of u.
+
+Several starts (or several lens systems) are optimised at once in one batched graph: every
+state part carries the same leading batch shape and ``target_log_prob_fn`` returns one log
+probability per batch member. Adam minimises the sum over the batch (the members are
+independent, so this is the same as minimising each); L-BFGS runs a batch of independent
+searches. The loop runs in compiled chunks (``tf.function``, optionally XLA) between which a
+tqdm progress bar advances and convergence is checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfhybrid.validation import TfhybridInputError
+
+tfb = tfp.bijectors
+
+__all__ = ["MapResult", "find_map"]
+
+
+@dataclass(frozen=True)
+class MapResult:
+    """Outcome of :func:`find_map`.
+
+    Attributes
+    ----------
+    state : list of tensors, the MAP estimate in constrained space (shapes of initial_state).
+    unconstrained_state : the same, before the bijectors.
+    log_prob : NumPy array with the batch shape: log p at ``state``.
+    loss_trace : NumPy array (num_recorded, *batch_shape): −log p per start, one row per Adam
+        step, or per L-BFGS iteration chunk.
+    converged : NumPy bool array with the batch shape.
+    num_steps : optimiser steps (Adam) or iterations (L-BFGS) run.
+    message : one human-readable line; says which starts did not converge and why.
+    best_index : index (tuple) into the batch of the start with the highest log p, or None
+        when the state is unbatched.
+    """
+
+    state: list
+    unconstrained_state: list
+    log_prob: np.ndarray
+    loss_trace: np.ndarray
+    converged: np.ndarray
+    num_steps: int
+    message: str
+    best_index: tuple | None
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(np.all(self.converged))
+
+    def best_state(self) -> list:
+        """State of the best start (highest log p); the state itself when unbatched."""
+        if self.best_index is None:
+            return list(self.state)
+        return [tf.convert_to_tensor(s)[self.best_index] for s in self.state]
+
+
+def _as_parts(initial_state) -> tuple[list[tf.Tensor], bool]:
+    single = isinstance(initial_state, (tf.Tensor, tf.Variable, np.ndarray, float, int))
+    parts = [initial_state] if single else initial_state
+    if not isinstance(parts, Sequence) or len(parts) == 0:
+        raise TfhybridInputError(
+            f"initial_state must be a tensor or a non-empty list of tensors; got {parts!r}"
+        )
+    out = []
+    for i, p in enumerate(parts):
+        t = tf.convert_to_tensor(p)
+        if not t.dtype.is_floating:
+            t = tf.cast(t, tf.float32)
+        if not bool(tf.reduce_all(tf.math.is_finite(t))):
+            raise TfhybridInputError(f"initial_state[{i}] contains NaN or inf")
+        out.append(t)
+    return out, single
+
+
+def _as_bijectors(bijectors, n: int) -> list:
+    if bijectors is None:
+        return [tfb.Identity()] * n
+    if isinstance(bijectors, tfb.Bijector):
+        bijectors = [bijectors]
+    if len(bijectors) != n:
+        raise TfhybridInputError(
+            f"bijectors has {len(bijectors)} entries but initial_state has {n} parts"
+        )
+    return [tfb.Identity() if b is None else b for b in bijectors]
+
+
+def to_unconstrained(parts: list[tf.Tensor], bijectors: list) -> list[tf.Tensor]:
+    """Map constrained state parts to unconstrained space, raising if any is outside support."""
+    out = []
+    for i, (p, b) in enumerate(zip(parts, bijectors, strict=True)):
+        u = b.inverse(p)
+        if not bool(tf.reduce_all(tf.math.is_finite(u))):
+            raise TfhybridInputError(
+                f"initial_state[{i}] lies outside the support of its bijector {b.name}: "
+                f"its inverse is not finite (values {np.asarray(p).ravel()[:5]} ...)"
+            )
+        out.append(tf.cast(u, p.dtype))
+    return out
+
+
+def find_map(
+    target_log_prob_fn: Callable[..., tf.Tensor],
+    initial_state,
+    bijectors=None,
+    method: str = "adam",
+    num_steps: int = 1000,
+    learning_rate=0.01,
+    rtol: float = 1e-7,
+    tolerance: float = 1e-6,
+    num_starts: int | None = None,
+    init_jitter: float = 0.1,
+    seed: int | None = None,
+    progress: bool = True,
+    steps_per_update: int | None = None,
+    jit_compile: bool = False,
+) -> MapResult:
+    """Maximise ``target_log_prob_fn`` (003_* eq. 26) with Adam or L-BFGS.
+
+    Parameters
+    ----------
+    target_log_prob_fn : callable ``log_p(*state) -> tensor`` of shape ``batch_shape``
+        (scalar for one start; ``(S,)`` for S starts or S lens systems, …).
+    initial_state : tensor or list of tensors in constrained space, each with shape
+        ``batch_shape + event_shape_i``.
+    bijectors : TFP bijector per part (``None`` = identity) mapping unconstrained → constrained,
+        e.g. ``tfb.Softplus()`` for a positive radius, ``tfb.Sigmoid(0.2, 1.0)`` for q.
+    method : "adam" (``tfp.math.minimize`` with ``keras.optimizers.Adam``; the paper's choice)
+        or "lbfgs" (``tfp.optimizer.lbfgs_minimize``, a batch of independent searches).
+    num_steps : Adam steps, or the L-BFGS iteration budget.
+    learning_rate : Adam learning rate: float or a ``keras.optimizers.schedules`` schedule.
+    rtol : Adam: converged when a start's loss changes by less than ``rtol · max(1, |loss|)``
+        over one chunk of ``steps_per_update`` steps; L-BFGS: relative objective tolerance.
+    tolerance : L-BFGS gradient (max-norm) tolerance.
+    num_starts : if given, ``initial_state`` (unbatched) is tiled to ``num_starts`` starts and
+        jittered by ``init_jitter`` · N(0, 1) in unconstrained space (start 0 is not jittered),
+        with a stateless seed from ``seed``.
+    progress : tqdm progress bar.
+    steps_per_update : steps per compiled chunk (progress/convergence granularity).
+    jit_compile : XLA-compile the chunks (measure; helps small models on CPU).
+
+    Returns
+    -------
+    MapResult. A run that did not converge is not an error: ``converged`` is False for those
+    starts and ``message`` says so.
+    """
+    from tqdm.auto import tqdm
+
+    if not callable(target_log_prob_fn):
+        raise TfhybridInputError(f"target_log_prob_fn must be callable; got {target_log_prob_fn!r}")
+    if method not in ("adam", "lbfgs"):
+        raise TfhybridInputError(f"method must be 'adam' or 'lbfgs'; got {method!r}")
+    if int(num_steps) < 1:
+        raise TfhybridInputError(f"num_steps must be >= 1; got {num_steps}")
+    parts, single = _as_parts(initial_state)
+    bijs = _as_bijectors(bijectors, len(parts))
+    unconstrained = to_unconstrained(parts, bijs)
+    if num_starts is not None:
+        if int(num_starts) < 1:
+            raise TfhybridInputError(f"num_starts must be >= 1; got {num_starts}")
+        seeds = tf.random.experimental.stateless_split([0 if seed is None else seed, 7], len(parts))
+        jittered = []
+        for u, s in zip(unconstrained, seeds, strict=True):
+            tiled = tf.tile(u[None], [num_starts] + [1] * u.shape.rank)
+            noise = tf.random.stateless_normal(tiled.shape, seed=s, dtype=u.dtype)
+            mask = tf.reshape(
+                tf.cast(tf.range(num_starts) > 0, u.dtype), [-1] + [1] * u.shape.rank
+            )
+            jittered.append(tiled + init_jitter * mask * noise)
+        unconstrained = jittered
+
+    def log_prob_u(*us):
+        return target_log_prob_fn(*[b.forward(u) for b, u in zip(bijs, us, strict=True)])
+
+    lp0 = tf.convert_to_tensor(log_prob_u(*unconstrained))
+    batch_shape = lp0.shape
+    if not bool(tf.reduce_all(tf.math.is_finite(lp0))):
+        raise TfhybridInputError(
+            "target_log_prob_fn is not finite at the initial state "
+            f"(values {lp0.numpy().ravel()[:5]}); start inside the prior's support"
+        )
+    for i, u in enumerate(unconstrained):
+        if u.shape[: batch_shape.rank] != batch_shape:
+            raise TfhybridInputError(
+                f"state part {i} has shape {u.shape} but target_log_prob_fn returned batch "
+                f"shape {batch_shape}: every part must start with the batch shape"
+            )
+    per_update = steps_per_update or max(1, min(100, int(num_steps) // 20))
+    bar = tqdm(total=int(num_steps), desc=f"MAP ({method})", disable=not progress, leave=False)
+    try:
+        if method == "adam":
+            u_final, trace, conv, steps_run, rel = _run_adam(
+                log_prob_u, unconstrained, num_steps, learning_rate, rtol, per_update,
+                jit_compile, bar,
+            )
+        else:
+            u_final, trace, conv, steps_run, rel = _run_lbfgs(
+                log_prob_u, unconstrained, batch_shape, num_steps, rtol, tolerance,
+                per_update, jit_compile, bar,
+            )
+    finally:
+        bar.close()
+    lp = tf.convert_to_tensor(log_prob_u(*u_final)).numpy()
+    state = [b.forward(u) for b, u in zip(bijs, u_final, strict=True)]
+    conv = np.broadcast_to(np.asarray(conv, bool), batch_shape).copy()
+    conv &= np.isfinite(lp)
+    best = None if batch_shape.rank == 0 else np.unravel_index(np.argmax(lp), batch_shape)
+    msg = _message(method, conv, lp, steps_run, num_steps, rel)
+    return MapResult(
+        state=state,
+        unconstrained_state=list(u_final),
+        log_prob=lp,
+        loss_trace=np.asarray(trace),
+        converged=conv,
+        num_steps=int(steps_run),
+        message=msg,
+        best_index=None if best is None else tuple(int(i) for i in best),
+    )
+
+
+def _message(method, conv, lp, steps_run, num_steps, rel) -> str:
+    n = conv.size
+    if np.all(conv):
+        return f"{method}: all {n} start(s) converged in {steps_run} steps; best log p {lp.max():.6g}"
+    bad = np.flatnonzero(~conv.ravel())
+    why = (
+        "log p is not finite (diverged; lower the learning rate)"
+        if not np.all(np.isfinite(lp))
+        else f"still changing (relative change {np.max(np.asarray(rel).ravel()[bad]):.2e})"
+        if steps_run >= num_steps
+        else "the line search failed (check the gradient or rescale the parameters)"
+    )
+    return (
+        f"{method}: NOT converged for {bad.size}/{n} start(s) (flat indices {bad[:10].tolist()})"
+        f" after {steps_run}/{num_steps} steps: {why}; increase num_steps or adjust the "
+        "learning rate / parameter scaling"
+    )
+
+
+def _run_adam(log_prob_u, unconstrained, num_steps, learning_rate, rtol, per_update, jit, bar):
+    import keras
+
+    variables = [tf.Variable(u) for u in unconstrained]
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+
+    def loss_fn():
+        return -tf.convert_to_tensor(log_prob_u(*variables))
+
+    def run_chunk(n_steps):
+        return tfp.math.minimize(
+            loss_fn,
+            num_steps=n_steps,
+            optimizer=optimizer,
+            trainable_variables=variables,
+            trace_fn=lambda tq: tq.loss,
+        )
+
+    compiled = {}
+    traces = []
+    done, prev_end = 0, None
+    conv = np.zeros(loss_fn().shape, bool)
+    rel = np.full(conv.shape, np.inf)
+    while done < num_steps:
+        n = min(per_update, num_steps - done)
+        if n not in compiled:
+            compiled[n] = tf.function(lambda n=n: run_chunk(n), jit_compile=jit, autograph=False)
+        losses = compiled[n]().numpy()
+        traces.append(losses)
+        done += n
+        bar.update(n)
+        end = losses[-1]
+        if prev_end is not None:
+            rel = np.abs(prev_end - end) / np.maximum(1.0, np.abs(end))
+            conv = rel < rtol
+            bar.set_postfix(loss=float(np.sum(end)), rel=float(np.max(rel)))
+            if np.all(conv) or not np.all(np.isfinite(end)):
+                break
+        prev_end = end
+    return [tf.convert_to_tensor(v) for v in variables], np.concatenate(traces), conv, done, rel
+
+
+def _run_lbfgs(
+    log_prob_u, unconstrained, batch_shape, num_steps, rtol, tolerance, per_update, jit, bar
+):
+    nb = batch_shape.rank
+    n_batch = int(np.prod(batch_shape.as_list())) if nb else 1
+    event_shapes = [u.shape[nb:] for u in unconstrained]
+    sizes = [int(np.prod(s.as_list())) for s in event_shapes]
+    dtype = unconstrained[0].dtype
+
+    def unpack(flat):
+        pieces = tf.split(flat, sizes, axis=-1)
+        return [
+            tf.reshape(tf.cast(p, u.dtype), batch_shape.concatenate(s))
+            for p, u, s in zip(pieces, unconstrained, event_shapes, strict=True)
+        ]
+
+    def value_and_grad(flat):
+        with tf.GradientTape() as tape:
+            tape.watch(flat)
+            loss = -tf.reshape(tf.convert_to_tensor(log_prob_u(*unpack(flat))), [n_batch])
+        return loss, tape.gradient(loss, flat)
+
+    flat0 = tf.concat(
+        [tf.cast(tf.reshape(u, [n_batch, -1]), dtype) for u in unconstrained], axis=-1
+    )
+
+    def start():
+        return tfp.optimizer.lbfgs_minimize(
+            value_and_grad, initial_position=flat0, max_iterations=0, tolerance=tolerance,
+            f_relative_tolerance=rtol,
+        )
+
+    def resume(results, target):
+        return tfp.optimizer.lbfgs_minimize(
+            value_and_grad, initial_position=None, previous_optimizer_results=results,
+            max_iterations=target,
+            tolerance=tolerance, f_relative_tolerance=rtol,
+        )
+
+    try:
+        # The initial state is one objective evaluation: build it eagerly rather than trace a
+        # second L-BFGS graph (tracing lbfgs_minimize costs seconds).
+        from tensorflow_probability.python.optimizer import lbfgs as tfp_lbfgs
+
+        results = tfp_lbfgs._get_initial_state(value_and_grad, flat0, 10, tolerance)
+    except (ImportError, AttributeError, TypeError):
+        results = tf.function(start, autograph=False)()
+    step = tf.function(resume, jit_compile=jit, autograph=False)
+    traces, done = [], 0
+    while done < num_steps:
+        target = min(done + per_update, num_steps)
+        results = step(results, tf.constant(target))
+        it = int(tf.reduce_max(results.num_iterations))
+        bar.update(max(0, it - done))
+        traces.append(results.objective_value.numpy().reshape(batch_shape))
+        stopped = results.converged.numpy() | results.failed.numpy()
+        done = target
+        if np.all(stopped) or it < target:
+            done = it
+            break
+    conv = results.converged.numpy().reshape(batch_shape)
+    rel = np.where(conv, 0.0, np.inf)
+    return unpack(results.position), np.stack(traces), conv, done, rel
