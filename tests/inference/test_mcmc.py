@@ -49,8 +49,8 @@ def gaussian():
 def hmc_result(gaussian):
     dist, _, _ = gaussian
     return sample_posterior(
-        dist.log_prob, tf.zeros(D), num_results=400, num_burnin=200, kernel="hmc",
-        num_chains=4, seed=1, progress=False, jit_compile=False, chunk_size=300,
+        dist.log_prob, tf.zeros(D), num_results=1000, num_burnin=300, kernel="hmc",
+        num_chains=4, seed=1, progress=False, jit_compile=False, chunk_size=650,
     )
 
 
@@ -61,12 +61,14 @@ def test_correlated_gaussian_50d(kind, gaussian, hmc_result):
         res = hmc_result
     else:
         res = sample_posterior(
-            dist.log_prob, tf.zeros(D), num_results=400, num_burnin=200, kernel="nuts",
-            num_chains=4, seed=2, progress=False, chunk_size=600, jit_compile=False,
+            dist.log_prob, tf.zeros(D), num_results=1000, num_burnin=300, kernel="nuts",
+            num_chains=4, seed=2, progress=False, chunk_size=650, jit_compile=False,
         )
     diag = res.diagnostics
     ess = diag["ess"][0]
     assert diag["min_ess"] > 100, diag["min_ess"]
+    # 4 x 1000 draws: the max over 50 parameters of the split R-hat of healthy chains is
+    # ~1.005 (4 x 400 reached 1.0136 by chance); chains that do not mix give > 1.1
     assert diag["max_r_hat"] < 1.01, diag["max_r_hat"]
     assert diag["num_divergences"] == 0
     assert 0.6 < diag["acceptance_rate"] < 0.97

@@ -334,8 +334,12 @@ def read_cosmos_catalog(directory: str | os.PathLike, sample: str | None = None)
     """
     folder, sample = _resolve_directory(directory, sample)
     names = catalog_file_names(sample)
-    catalog = _read_table(folder / names["catalog"], "real-galaxy catalog", REQUIRED_CATALOG_COLUMNS)
-    parametric = _read_table(folder / names["parametric"], "parametric-fit catalog", REQUIRED_FIT_COLUMNS)
+    catalog = _read_table(
+        folder / names["catalog"], "real-galaxy catalog", REQUIRED_CATALOG_COLUMNS
+    )
+    parametric = _read_table(
+        folder / names["parametric"], "parametric-fit catalog", REQUIRED_FIT_COLUMNS
+    )
     selection_path = folder / names["selection"]
     selection = (
         _read_table(selection_path, "selection catalog", ("IDENT",))

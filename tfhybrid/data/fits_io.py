@@ -19,9 +19,10 @@ PARAMS     binary table one row per stamp, one column per parameter (``noise_sig
 Image-set files (``write_image_sets_fits`` / ``read_image_sets_fits``)
 ----------------------------------------------------------------------
 Preprocessed training sets: a primary header with provenance (``FORMAT`` =
-``tfhybrid-image-sets``) and one image extension per set (``TRAIN``, ``VALIDATION``, ``TEST``,
-each (n_set, ny, nx) float32), each optionally followed by an ``<NAME>_INDEX`` table giving the
-row of every image in the input it came from.
+``tfhybrid-image-sets``, ``SETS`` = comma-separated set names) and one image extension per set
+(``TRAIN``, ``VALIDATION``, ``TEST``, each (n_set, ny, nx) float32), each optionally followed by
+an ``<NAME>_TABLE`` binary table with one row per image (e.g. ``index``: row of the image in the
+input it came from; ``noise_sigma``: pixel noise of the normalised image).
 
 Every file goes to a temporary name first and is renamed on success
 (``tfhybrid.io.write_fits_atomic``), so an interrupted write never leaves a partial file.
@@ -370,7 +371,7 @@ def write_image_sets_fits(
     path: str | os.PathLike,
     sets: Mapping[str, np.ndarray],
     *,
-    indices: Mapping[str, np.ndarray] | None = None,
+    tables: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     header: Mapping[str, object] | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -383,8 +384,9 @@ def write_image_sets_fits(
     sets : mapping of str to np.ndarray
         Set name (extension name, upper-cased) -> (n_set, ny, nx) images, axis order (y, x).
         Empty sets (n_set = 0) are allowed.
-    indices : mapping of str to (n_set,) int arrays, optional
-        Row of each image in the input it came from; written as ``<NAME>_INDEX`` tables.
+    tables : mapping of str to mapping of str to (n_set,) arrays, optional
+        Per-image columns of each set (set name -> column name -> values), written as
+        ``<NAME>_TABLE`` binary tables (e.g. ``index``, ``noise_sigma``).
     header : mapping, optional
         Provenance for the primary header (``key -> value`` or ``key -> (value, comment)``).
     overwrite : bool
@@ -419,14 +421,19 @@ def write_image_sets_fits(
         hdu.header["SETNY"] = (arr.shape[1], "[pixel] image height (axis y)")
         hdu.header["SETNX"] = (arr.shape[2], "[pixel] image width (axis x)")
         hdus.append(hdu)
-        if indices is not None and name in indices:
-            idx = np.asarray(indices[name], dtype=np.int64)
-            if idx.shape != (arr.shape[0],):
-                raise TfhybridInputError(
-                    f"indices of set {name!r} must have shape ({arr.shape[0]},); got {idx.shape}"
-                )
-            col = fits.Column(name="index", format="K", array=idx)
-            hdus.append(fits.BinTableHDU.from_columns([col], name=f"{name.upper()}_INDEX"))
+        if tables is not None and tables.get(name):
+            cols = []
+            for col_name, values in tables[name].items():
+                col = np.asarray(values)
+                if col.shape != (arr.shape[0],):
+                    raise TfhybridInputError(
+                        f"column {col_name!r} of set {name!r} must have shape ({arr.shape[0]},), "
+                        f"one value per image; got {col.shape}"
+                    )
+                fmt = "K" if col.dtype.kind in "iub" else "D"
+                cols.append(fits.Column(name=col_name, format=fmt, array=col.astype(
+                    np.int64 if fmt == "K" else np.float64), unit=PARAM_UNITS.get(col_name)))
+            hdus.append(fits.BinTableHDU.from_columns(cols, name=f"{name.upper()}_TABLE"))
     write_fits_atomic(path, fits.HDUList(hdus))
     return path
 
@@ -437,7 +444,9 @@ def read_image_sets_fits(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Returns
     -------
     dict
-        Lower-case set name -> (n_set, ny, nx) float32 images, in file order.
+        Lower-case set name -> (n_set, ny, nx) float32 images, in file order, and for sets with
+        a table, ``"<set>_<column>"`` -> (n_set,) array (e.g. ``train_index``,
+        ``train_noise_sigma``: the layout of ``make_lensing_training_set``'s output).
     """
     path = Path(path)
     with _open_fits(path) as hdul:
@@ -458,4 +467,14 @@ def read_image_sets_fits(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 out[name.lower()] = np.zeros((0, hdr["SETNY"], hdr["SETNX"]), np.float32)
             else:
                 out[name.lower()] = _image_extension(hdul, path, name, (3,))
+            n_set = len(out[name.lower()])
+            if f"{name}_TABLE" in hdul:
+                table = hdul[f"{name}_TABLE"].data
+                rows = 0 if table is None else len(table)
+                if rows != n_set:
+                    raise TfhybridInputError(
+                        f"{path}: {name}_TABLE has {rows} rows but {name} has {n_set} images"
+                    )
+                for col in [] if table is None else table.columns.names:
+                    out[f"{name.lower()}_{col}"] = np.asarray(table[col]).copy()
     return out

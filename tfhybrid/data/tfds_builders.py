@@ -26,7 +26,10 @@ use another ``data_dir`` (an existing build is never regenerated).
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
+import importlib.resources.abc
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,14 @@ from tfhybrid.data.simulate import (
     simulate_galaxy_stamps,
 )
 from tfhybrid.validation import TfhybridInputError
+
+# tensorflow-datasets 4.9.10 uses the `importlib_resources` backport unconditionally when it
+# locates a builder's code (`DatasetBuilder.code_path`) but only requires it on Python < 3.9.
+# The standard library module has the same API (`abc.Traversable` included) on Python >= 3.11.
+try:
+    import importlib_resources  # noqa: F401
+except ModuleNotFoundError:
+    sys.modules["importlib_resources"] = importlib.resources
 
 #: Source parameters stored as scalar features (float32, except ``n_knots`` int32).
 SOURCE_FEATURES = tuple(p for p in PARAM_NAMES if p not in ("noise_sigma", "knot_seed"))
@@ -423,8 +434,9 @@ def build_simulated_dataset(
     SimulatedGalaxies
         The prepared builder (``builder.as_dataset(split=...)``).
     """
-    if isinstance(config, str) and config not in {c.name for c in SimulatedGalaxies.BUILDER_CONFIGS}:
-        names = ", ".join(c.name for c in SimulatedGalaxies.BUILDER_CONFIGS)
+    names = [c.name for c in SimulatedGalaxies.BUILDER_CONFIGS]
+    if isinstance(config, str) and config not in names:
+        names = ", ".join(names)
         raise TfhybridInputError(f"unknown config {config!r}; expected one of {names}")
     builder = SimulatedGalaxies(
         data_dir=os.fspath(data_dir),

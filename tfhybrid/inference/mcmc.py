@@ -234,10 +234,6 @@ def sample_posterior(
     n_params = sum(int(np.prod(u.shape[batch_ndims:].as_list())) for u in unconstrained)
     init_step = step_size if step_size is not None else 0.5 * n_params**-0.25
     accept = target_accept_prob or (0.8 if kernel == "nuts" else 0.75)
-    mcmc_kernel = _make_kernel(
-        kernel, target_unconstrained, unconstrained, batch_shape, dtype, init_step,
-        int(num_burnin), int(num_leapfrog_steps), int(max_tree_depth), float(accept),
-    )
 
     total = int(num_burnin) + int(num_results)
     chunk = int(chunk_size) if chunk_size else max(1, min(250, -(-total // 10)))
