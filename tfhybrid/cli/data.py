@@ -32,7 +32,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "data",
         help="simulate, import (COSMOS), preprocess and view galaxy stamps",
-        description=__doc__.split("\n\n")[0],
+        description="Simulate, import (COSMOS), preprocess and look at galaxy stamps. "
+                    "Run `tfhybrid data ACTION --help` for the options of each action.",
     )
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     _register_simulate(sub)
@@ -189,6 +190,12 @@ def _check_positive(flag: str, value: float | None, unit: str = "") -> None:
         raise _error(f"{flag} must be a finite number > 0{u}; got {value}")
 
 
+def _check_pixel_scale(value: float, high: float) -> None:
+    _check_positive("--pixel-scale", value, "arcsec")
+    if not 1e-3 < value <= high:
+        raise _error(f"--pixel-scale must be in (0.001, {high:g}] arcsec; got {value:g}")
+
+
 def _check_output(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise _error(f"output {path} is a directory; give a file name")
@@ -204,15 +211,26 @@ def _check_input(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _created_dir(directory: Path):
-    """Create ``directory`` if needed; remove it again if the block fails and left it empty."""
+def _created_dir(directory: Path, remove_on_failure: list[Path] | tuple = ()):
+    """Create ``directory`` if needed; if the block fails, remove what it created.
+
+    On failure ``directory`` itself is removed if this call created it (with what the failed
+    block left in it: outputs are written atomically, so that is never a finished file of an
+    earlier run); otherwise only the paths of ``remove_on_failure`` (folders the caller knows
+    are new) are removed.
+    """
+    import shutil
+
     existed = directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     try:
         yield directory
     except BaseException:
-        if not existed and directory.is_dir() and not any(directory.iterdir()):
-            directory.rmdir()
+        if not existed:
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            for path in remove_on_failure:
+                shutil.rmtree(path, ignore_errors=True)
         raise
 
 
@@ -230,7 +248,7 @@ def run_simulate(args) -> int:
     _check_int("--seed", args.seed, 0)
     _check_int("--stamp-size", args.stamp_size, 8)
     _check_int("--workers", args.workers, 1)
-    _check_positive("--pixel-scale", args.pixel_scale, "arcsec")
+    _check_pixel_scale(args.pixel_scale, 2.0)
     _check_positive("--psf-fwhm", args.psf_fwhm, "arcsec")
     if args.noise_sigma is not None and not (math.isfinite(args.noise_sigma)
                                              and args.noise_sigma >= 0):
@@ -264,8 +282,8 @@ def _simulate_fits(args, out_dir: Path, fits_path: Path, mosaic_path: Path) -> i
     import numpy as np
 
     from tfhybrid.data.fits_io import write_stamps_fits
+    from tfhybrid.data.preprocess import matched_filter_snr
     from tfhybrid.data.simulate import simulate_galaxy_stamps
-    from tfhybrid.data.tfds_builders import matched_filter_snr
     from tfhybrid.io import atomic_path
     from tfhybrid.plotting.mosaic import plot_mosaic
 
@@ -337,8 +355,14 @@ def _simulate_tfds(args, out_dir: Path, mosaic_path: Path) -> int:
         builder = SimulatedGalaxies(data_dir=str(out_dir), config=config, n_train=n_train,
                                     n_validation=n_val, n_test=n_test, seed=args.seed,
                                     num_workers=args.workers)
+    if args.no_progress:
+        tfds.disable_progress_bar()
+    # Folders this build creates; a failed build removes them again (tfds leaves metadata and
+    # empty folders behind), so no half-written dataset remains.
+    new_paths = [p for p in (out_dir / SimulatedGalaxies.name, version_dir.parent,
+                             out_dir / "downloads") if not p.exists()]
     start = time.perf_counter()
-    with _created_dir(out_dir):
+    with _created_dir(out_dir, remove_on_failure=new_paths):
         builder.download_and_prepare(download_config=offline_download_config())
         elapsed = time.perf_counter() - start
         images, hlr, snr = [], [], []
@@ -413,7 +437,7 @@ def run_cosmos(args) -> int:
         write_stamps_fits(
             out, np.stack(images), noise_sigma=catalog.noise_sigma[idx], psf=psf,
             pixel_scale_arcsec=float(scales[0]), params=params, overwrite=args.overwrite,
-            psf_description="COSMOS HST/ACS F814W PSF per galaxy (GalSim release)",
+            psf_description="COSMOS ACS F814W PSF per galaxy",
             header={"ORIGIN": ("COSMOS", "GalSim real-galaxy release"),
                     "SAMPLE": (catalog.sample, "COSMOS sample")},
         )
@@ -428,8 +452,7 @@ def run_cosmos(args) -> int:
 def _progress(iterable, total: int, unit: str):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, unit=unit.rstrip("s"), desc=unit, leave=False,
-                file=sys.stderr)
+    return tqdm(iterable, total=total, unit=unit, desc=unit, leave=False, file=sys.stderr)
 
 
 def run_preprocess(args) -> int:
@@ -450,7 +473,7 @@ def run_preprocess(args) -> int:
     if args.task == "lensing" and not 0 <= args.snr_min < args.snr_max:
         raise _error(f"--snr-min must be >= 0 and < --snr-max; got {args.snr_min}, {args.snr_max}")
     if args.task == "deblending":
-        _check_positive("--pixel-scale", args.pixel_scale, "arcsec")
+        _check_pixel_scale(args.pixel_scale, 5.0)
         _check_positive("--psf-fwhm", args.psf_fwhm, "arcsec")
     out = Path(args.out)
     _check_output(out, args.overwrite)

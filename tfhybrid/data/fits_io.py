@@ -148,11 +148,13 @@ def write_stamps_fits(
     if isinstance(stamps, GalaxyStamps):
         images = stamps.images
         noiseless = stamps.noiseless if noiseless is None else noiseless
-        noise_sigma = stamps.noise_sigma if noise_sigma is None else noise_sigma
+        params = stamps.params if params is None else params
+        if noise_sigma is None:
+            # The float64 parameter column when there is one (``stamps.noise_sigma`` is float32).
+            noise_sigma = (params or {}).get("noise_sigma", stamps.noise_sigma)
         psf = stamps.psf if psf is None else psf
         if pixel_scale_arcsec is None:
             pixel_scale_arcsec = stamps.pixel_scale_arcsec
-        params = stamps.params if params is None else params
     else:
         images = stamps
     images = _stack3("images", images)

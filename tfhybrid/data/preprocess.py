@@ -166,8 +166,9 @@ def _column_names(table) -> set[str]:
 def crop_to_square(image) -> np.ndarray:
     """Central square of side ``min(ny, nx)`` of an image (or a batch, cropped alike).
 
-    When ``ny - nx`` is odd, the extra row/column is dropped from the end (top/right), so the
-    centre pixel ``(ny // 2, nx // 2)`` of an odd-sided input stays the centre pixel.
+    The crop starts at row ``ny // 2 - s // 2`` and column ``nx // 2 - s // 2``, so the centre
+    pixel ``(ny // 2, nx // 2)`` of the input (GalSim's convention) is the centre pixel
+    ``(s // 2, s // 2)`` of the output, whatever the parities of the sides.
 
     Parameters
     ----------
@@ -184,8 +185,8 @@ def crop_to_square(image) -> np.ndarray:
         raise TfhybridInputError(f"image must have rank >= 2 (..., ny, nx); got shape {arr.shape}")
     ny, nx = arr.shape[-2:]
     s = min(ny, nx)
-    y0 = (ny - s) // 2
-    x0 = (nx - s) // 2
+    y0 = ny // 2 - s // 2
+    x0 = nx // 2 - s // 2
     return arr[..., y0 : y0 + s, x0 : x0 + s]
 
 
@@ -341,6 +342,19 @@ def snr_quarter(images, noise_sigma) -> np.ndarray:
             )
         out[k] = _block_mean(im.astype(np.float64), SNR_BLOCK).max() / sigma[k]
     return out
+
+
+def matched_filter_snr(noiseless: np.ndarray, noise_sigma) -> np.ndarray:
+    """Matched-filter S/N of noiseless stamps in white noise.
+
+    ``snr = sqrt(sum(noiseless**2)) / sigma`` over the (y, x) axes: the S/N of the optimal
+    (profile-weighted) flux estimate. ``noiseless`` is (n, ny, nx), ``noise_sigma`` scalar or
+    (n,); inf where sigma = 0.
+    """
+    power = np.sqrt(np.sum(np.asarray(noiseless, np.float64) ** 2, axis=(-2, -1)))
+    sigma = np.broadcast_to(np.asarray(noise_sigma, np.float64), power.shape)
+    with np.errstate(divide="ignore"):
+        return np.where(sigma > 0, power / np.where(sigma > 0, sigma, 1.0), np.inf)
 
 
 def snr_cut_mask(images, noise_sigma, low: float = 15.0, high: float = 50.0) -> np.ndarray:

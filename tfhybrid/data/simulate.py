@@ -320,7 +320,9 @@ def galaxy_profile(params: Mapping[str, np.ndarray], index: int):
     fk = float(params["knot_fraction"][i])
     disk_hlr = float(params["disk_hlr_arcsec"][i])
     disk_flux = (1.0 - btt) * flux
-    parts = [galsim.Exponential(half_light_radius=disk_hlr, flux=disk_flux * (1 - fk), gsparams=gsp)]
+    parts = [
+        galsim.Exponential(half_light_radius=disk_hlr, flux=disk_flux * (1 - fk), gsparams=gsp)
+    ]
     if fk > 0:
         pos = knot_positions(params, i)
         each = disk_flux * fk / len(pos)
@@ -383,12 +385,20 @@ def psf_kimage(psf, fft_size: int, pixel_scale: float) -> np.ndarray:
     arr = kim.array[np.ix_(ky_idx, kx_idx)]
     k = 2 * np.pi * np.fft.rfftfreq(fft_size, pixel_scale)
     kyv = 2 * np.pi * np.fft.fftfreq(fft_size, pixel_scale)
-    pix = np.sinc(kyv * pixel_scale / (2 * np.pi))[:, None] * np.sinc(k * pixel_scale / (2 * np.pi))[None, :]
+    pix = (
+        np.sinc(kyv * pixel_scale / (2 * np.pi))[:, None]
+        * np.sinc(k * pixel_scale / (2 * np.pi))[None, :]
+    )
     return arr * pix
 
 
-def render_galaxies(params: Mapping[str, np.ndarray], psf_k: np.ndarray, stamp_size: int,
-                    pixel_scale: float, fft_size: int) -> np.ndarray:
+def render_galaxies(
+    params: Mapping[str, np.ndarray],
+    psf_k: np.ndarray,
+    stamp_size: int,
+    pixel_scale: float,
+    fft_size: int,
+) -> np.ndarray:
     """Render galaxies convolved with PSF and pixel, batched in Fourier space.
 
     Each component's analytic (exponential) or tabulated (de Vaucouleurs) Fourier transform
@@ -461,7 +471,9 @@ def _fft_size(stamp_size: int) -> int:
 
 def _draw_chunk(task):
     """Worker: draw one seeded chunk. Returns (noisy, noiseless, params)."""
-    (seed, chunk_index, n, stamp_size, pixel_scale, psf_spec, noise_spec, max_hlr, keep_clean) = task
+    (seed, chunk_index, n, stamp_size, pixel_scale, psf_spec, noise_spec, max_hlr, keep_clean) = (
+        task
+    )
     rng = np.random.default_rng(np.random.SeedSequence([seed, chunk_index]))
     params = draw_population(rng, n, max_hlr)
     if np.ndim(noise_spec) == 0:
@@ -473,8 +485,13 @@ def _draw_chunk(task):
     psf_k = psf_kimage(make_psf(psf_spec.fwhm_arcsec, psf_spec.moffat_beta), fft_size, pixel_scale)
     clean = np.concatenate(
         [
-            render_galaxies({k: v[s : s + 32] for k, v in params.items()}, psf_k, stamp_size,
-                            pixel_scale, fft_size)
+            render_galaxies(
+                {k: v[s : s + 32] for k, v in params.items()},
+                psf_k,
+                stamp_size,
+                pixel_scale,
+                fft_size,
+            )
             for s in range(0, n, 32)
         ]
     )
@@ -590,7 +607,9 @@ def simulate_galaxy_stamps(
     num_workers = _check_positive_int("num_workers", num_workers)
     num_workers = min(num_workers, len(tasks))
 
-    results = _run_tasks(_draw_chunk, tasks, num_workers, progress, n_per_task=[m for _, m in chunks])
+    results = _run_tasks(
+        _draw_chunk, tasks, num_workers, progress, n_per_task=[m for _, m in chunks]
+    )
     images = np.concatenate([r[0] for r in results])
     noiseless = np.concatenate([r[1] for r in results]) if keep_noiseless else None
     params = {k: np.concatenate([r[2][k] for r in results]) for k in PARAM_NAMES}

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tfhybrid.data.preprocess import matched_filter_snr
 from tfhybrid.data.simulate import (
     HST_PIXEL_SCALE_ARCSEC,
     PARAM_NAMES,
@@ -277,19 +278,6 @@ class SimulatedGalaxies(tfds.core.GeneratorBasedBuilder):
                     dtype = np.int32 if name == "n_knots" else np.float32
                     example[name] = dtype(stamps.params[name][j])
                 yield f"{split}_{start + j:08d}", example
-
-
-def matched_filter_snr(noiseless: np.ndarray, noise_sigma) -> np.ndarray:
-    """Matched-filter S/N of noiseless stamps in white noise.
-
-    ``snr = sqrt(sum(noiseless**2)) / sigma`` over the (y, x) axes: the S/N of the optimal
-    (profile-weighted) flux estimate. ``noiseless`` is (n, ny, nx), ``noise_sigma`` scalar or
-    (n,); inf where sigma = 0.
-    """
-    power = np.sqrt(np.sum(np.asarray(noiseless, np.float64) ** 2, axis=(-2, -1)))
-    sigma = np.broadcast_to(np.asarray(noise_sigma, np.float64), power.shape)
-    with np.errstate(divide="ignore"):
-        return np.where(sigma > 0, power / np.where(sigma > 0, sigma, 1.0), np.inf)
 
 
 @dataclasses.dataclass(eq=False)
