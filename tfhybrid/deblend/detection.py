@@ -68,7 +68,7 @@ def detect_sources(
     order = np.argsort(-smooth[iy, ix])[:max_sources]
     iy, ix = iy[order], ix[order]
     centres = []
-    for y, x in zip(iy, ix):
+    for y, x in zip(iy, ix, strict=True):
         y0, y1, x0, x1 = max(y - 1, 0), min(y + 2, ny), max(x - 1, 0), min(x + 2, nx)
         patch = np.clip(smooth[y0:y1, x0:x1], 0.0, None)
         yy, xx = np.mgrid[y0:y1, x0:x1]

@@ -160,7 +160,9 @@ class Observation:
         check_rank("images", img, 3, "(bands, ny, nx)")
         n_bands, ny, nx = img.shape
         if n_bands < 1 or ny < 3 or nx < 3:
-            raise TfhybridInputError(f"images must be (bands, ny, nx) with ny, nx >= 3; got {img.shape}")
+            raise TfhybridInputError(
+                f"images must be (bands, ny, nx) with ny, nx >= 3; got {img.shape}"
+            )
 
         psf = np.asarray(psfs, dtype=np.float64)
         if psf.ndim == 2:
@@ -212,7 +214,8 @@ class Observation:
             if np.any(~(sigma > 0)):
                 raise TfhybridInputError(
                     f"noise_sigma must be > 0 in every band; got {np.array2string(sigma)}"
-                    + (" (estimated from the data: pass noise_sigma)" if noise_sigma is None else "")
+                    + ("" if noise_sigma is not None
+                       else " (estimated from the data: pass noise_sigma)")
                 )
             w = np.broadcast_to((1.0 / sigma**2)[:, None, None], img.shape).copy()
         else:
@@ -255,7 +258,7 @@ class Observation:
         )
 
     def detection_image(self) -> np.ndarray:
-        """Inverse-variance weighted sum of the bands ``(ny, nx)`` (for detection/initialisation)."""
+        """Inverse-variance weighted mean of the bands ``(ny, nx)`` (detection, initialisation)."""
         w = self.weights
         return (np.sum(w * self.images, axis=0) / np.maximum(np.sum(w, axis=0), 1e-30)).astype(
             np.float32

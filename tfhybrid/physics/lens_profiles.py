@@ -95,6 +95,8 @@ EPL_GAMMA_RANGE = (1.0, 3.0)
 # for q >= 0.05 in float64 (q >= 0.02 in float32). With concrete q (eager calls) the bound is
 # the exact count needed, up to _MAX_EAGER_TERMS.
 _MAX_EPL_TERMS = 400
+# A static (Python int) count up to this is unrolled (traceable and differentiable under XLA).
+_MAX_UNROLLED_TERMS = 400
 _MAX_EAGER_TERMS = 100000
 
 
@@ -233,7 +235,8 @@ def epl_deflection_major_axis(xm, ym, b, t, q, n_terms, max_terms=None):
     paper's notation ``t = gamma - 1`` and ``b = q * r_ein``. No validation; all arguments are
     tensors of one float dtype, already broadcast-compatible. ``n_terms``: Python int or int32
     scalar tensor (see :func:`epl_num_terms`); ``max_terms``: static bound of the loop (default
-    ``n_terms`` when it is a Python int, else 400).
+    ``n_terms`` when it is a Python int, else 400). A Python-int ``n_terms <= 400`` is unrolled
+    (XLA can then differentiate it); a tensor count runs a ``tf.while_loop``.
 
     Returns ``(alpha_x, alpha_y)`` along the major and minor axes.
     """
@@ -258,12 +261,21 @@ def epl_deflection_major_axis(xm, ym, b, t, q, n_terms, max_terms=None):
         new_i = a * (wr * term_i + wi * term_r)
         return n + 1, new_r, new_i, sum_r + new_r, sum_i + new_i
 
-    _, _, _, sum_r, sum_i = tf.while_loop(
-        lambda n, *_: n < n_terms,
-        body,
-        (tf.constant(1, tf.int32), term_r, term_i, term_r, term_i),
-        maximum_iterations=max_terms,
-    )
+    if isinstance(n_terms, int) and n_terms <= _MAX_UNROLLED_TERMS:
+        # Static count: unroll. XLA cannot differentiate a while_loop whose gradient
+        # accumulators (TensorLists) cross the compiled function's boundary, and the unrolled
+        # chain is also what XLA fuses best.
+        state = (1, term_r, term_i, term_r, term_i)
+        for _ in range(1, n_terms):
+            state = body(*state)
+        sum_r, sum_i = state[3], state[4]
+    else:
+        _, _, _, sum_r, sum_i = tf.while_loop(
+            lambda n, *_: n < n_terms,
+            body,
+            (tf.constant(1, tf.int32), term_r, term_i, term_r, term_i),
+            maximum_iterations=max_terms,
+        )
     amp = 2.0 * b / (1.0 + q) * (b / r) ** (t - 1.0)
     zero = tf.zeros_like(sum_r)
     return tf.where(at_centre, zero, amp * sum_r), tf.where(at_centre, zero, amp * sum_i)

@@ -1,0 +1,390 @@
+"""Tests of tfhybrid.physics.lensing (the forward model of 003_*, eqs. 7-17 and 24-25).
+
+Reference: lenstronomy's ImageModel (EPL + SHEAR lens, INTERPOL source, GAUSSIAN PSF), an
+independent implementation of the same physics; central finite differences for gradients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfhybrid.physics import lensing
+from tfhybrid.validation import TfhybridInputError
+
+PARAMS = dict(
+    r_ein=1.4,
+    gamma=2.15,
+    q=0.65,
+    phi=0.4,
+    theta_lens1=0.07,
+    theta_lens2=-0.11,
+    gamma1=0.04,
+    gamma2=-0.03,
+    theta_src1=0.12,
+    theta_src2=0.05,
+    s=1.8,
+    iota=1.3,
+)
+
+
+def _source(n=64, seed=0):
+    """A smooth asymmetric two-blob source with pixel-level texture (catches flips / shifts)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:n, :n] * (64.0 / n)
+    img = np.exp(-((xx - 30) ** 2 + (yy - 36) ** 2) / 40.0)
+    img += 0.5 * np.exp(-((xx - 40) ** 2 + (yy - 25) ** 2) / 15.0)
+    return img * (1.0 + 0.2 * rng.uniform(size=img.shape))
+
+
+def _lenstronomy_image(params, source, config, supersampling=1):
+    """lenstronomy's image of one system, divided by the pixel area (surface brightness)."""
+    pytest.importorskip("lenstronomy")
+    from lenstronomy.Data.pixel_grid import PixelGrid
+    from lenstronomy.Data.psf import PSF
+    from lenstronomy.ImSim.image_model import ImageModel
+    from lenstronomy.LensModel.lens_model import LensModel
+    from lenstronomy.LightModel.light_model import LightModel
+
+    n, pix = config.n_pix, config.pixel_scale_arcsec
+    # (x, y) grid with pixel (i, j) at ((j - (n-1)/2) pix, (i - (n-1)/2) pix): our convention
+    grid = PixelGrid(n, n, np.diag([pix, pix]), -(n - 1) / 2 * pix, -(n - 1) / 2 * pix)
+    psf = PSF(
+        psf_type="GAUSSIAN",
+        fwhm=config.psf_sigma_arcsec * 2 * np.sqrt(2 * np.log(2)),
+        pixel_size=pix,
+        truncation=config.psf_truncation_sigma,
+    )
+    model = ImageModel(
+        grid,
+        psf,
+        lens_model_class=LensModel(["EPL", "SHEAR"]),
+        source_model_class=LightModel(["INTERPOL"]),
+        kwargs_numerics={"supersampling_factor": supersampling},
+    )
+    kw = lensing.params_to_lenstronomy(params, source.shape)[0]
+    kw["kwargs_source"][0]["image"] = source
+    image = model.image(kwargs_lens=kw["kwargs_lens"], kwargs_source=kw["kwargs_source"])
+    return image / pix**2
+
+
+# ----------------------------------------------------------------------------------------------
+# Full image vs lenstronomy
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "deflection, dtype, tol",
+    [
+        # exact series in float64: the same arithmetic as lenstronomy up to rounding (measured
+        # 2e-15 of the peak); 1e-12 leaves room for BLAS/FFT differences.
+        ("epl", "float64", 1e-12),
+        # the table's deflection error (<= 1e-6 relative, ~1e-6 arcsec) moves source positions
+        # by ~1e-5 source pixels: measured 5e-8 of the peak.
+        ("table", "float64", 1e-6),
+        # float32: ~5e-7 of the peak measured (coordinate rounding of ~1e-7 arcsec)
+        ("table", "float32", 5e-6),
+    ],
+)
+def test_full_image_matches_lenstronomy(deflection, dtype, tol):
+    # psf_pixel_integrated=False: lenstronomy's GAUSSIAN kernel samples the Gaussian at pixel
+    # centres, truncated at 5 sigma (13 px here). The paper's 256 x 256 grid at 0.04".
+    config = lensing.LensingConfig(psf_pixel_integrated=False, deflection=deflection, dtype=dtype)
+    source = _source()
+    ours = lensing.simulate_lensed_image(source[None], PARAMS, config).numpy()[0]
+    ref = _lenstronomy_image(PARAMS, source, config)
+    assert ours.shape == (256, 256)
+    assert ref.max() > 1.0  # the lensed source is in the field
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=tol * ref.max())
+
+
+def test_supersampled_image_matches_lenstronomy():
+    # lenstronomy supersamples ray tracing, averages, then convolves at pixel resolution
+    # (supersampling_convolution=False), as we do. Exact EPL, float64: rounding only.
+    config = lensing.LensingConfig(
+        n_pix=64,
+        pixel_scale_arcsec=0.1,
+        supersampling=3,
+        psf_pixel_integrated=False,
+        deflection="epl",
+        dtype="float64",
+    )
+    source = _source(32)
+    ours = lensing.simulate_lensed_image(source[None], PARAMS, config).numpy()[0]
+    ref = _lenstronomy_image(PARAMS, source, config, supersampling=3)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12 * ref.max())
+
+
+def test_source_convention_identity_without_lens():
+    # With (almost) no deflection and s = field / 2, a source of the image's size is sampled at
+    # its own pixel centres: the image reproduces the source (rows increase with theta2).
+    config = lensing.LensingConfig(n_pix=32, pixel_scale_arcsec=0.1, dtype="float64")
+    source = _source(32)[None]
+    theta1, theta2 = lensing.lens_plane_grid(config)
+    out = lensing.source_surface_brightness(
+        source, theta1[None], theta2[None], 0.0, 0.0, 0.5 * config.field_arcsec, 2.0
+    )
+    np.testing.assert_allclose(out.numpy(), 2.0 * source, atol=1e-12)
+    # shifting the source centre by one source pixel along theta1 shifts columns by one
+    out = lensing.source_surface_brightness(
+        source, theta1[None], theta2[None], 0.1, 0.0, 0.5 * config.field_arcsec, 1.0
+    )
+    np.testing.assert_allclose(out.numpy()[0, :, 1:], source[0, :, :-1], atol=1e-12)
+
+
+def test_ray_trace_is_theta_minus_deflections():
+    from tfhybrid.physics import lens_profiles as lp
+
+    rng = np.random.default_rng(5)
+    t1, t2 = rng.uniform(-3, 3, (2, 1, 20, 20))
+    b1, b2 = lensing.ray_trace(t1, t2, PARAMS, deflection="epl")
+    ax, ay = lp.epl_deflection(t1, t2, 1.4, 2.15, 0.65, 0.4, 0.07, -0.11)
+    sx, sy = lp.external_shear_deflection(t1, t2, 0.04, -0.03)
+    np.testing.assert_allclose(b1.numpy(), t1 - ax.numpy() - sx.numpy(), atol=1e-13)
+    np.testing.assert_allclose(b2.numpy(), t2 - ay.numpy() - sy.numpy(), atol=1e-13)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching, XLA, Keras layer
+# ----------------------------------------------------------------------------------------------
+SMALL = lensing.LensingConfig(n_pix=48, pixel_scale_arcsec=0.2)
+
+
+def _batch_params(n, seed=2):
+    prior = lensing.mock_prior(tf.float64)
+    sample = prior.sample(n, seed=seed)
+    p = {k: v.numpy() for k, v in sample.items()}
+    p["gamma1"] *= 0.05  # keep the shear realistic so images land in the field
+    p["gamma2"] *= 0.05
+    p["s"] = np.full(n, 2.0)
+    return p
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_batch_equals_single_systems_and_xla_matches(jit_compile):
+    config = lensing.LensingConfig(n_pix=48, pixel_scale_arcsec=0.2, jit_compile=jit_compile)
+    params = _batch_params(3)
+    sources = np.stack([_source(32, seed) for seed in range(3)])
+    batch = lensing.simulate_lensed_image(sources, params, config).numpy()
+    assert batch.shape == (3, 48, 48) and np.all(np.isfinite(batch))
+    for b in range(3):
+        one = lensing.simulate_lensed_image(
+            sources[b : b + 1], {k: v[b] for k, v in params.items()}, config
+        ).numpy()[0]
+        # float32, same ops: rounding-level differences only (XLA may fuse differently)
+        np.testing.assert_allclose(batch[b], one, rtol=0, atol=1e-5 * np.abs(one).max())
+    other = lensing.LensingConfig(n_pix=48, pixel_scale_arcsec=0.2, jit_compile=not jit_compile)
+    np.testing.assert_allclose(
+        batch, lensing.simulate_lensed_image(sources, params, other).numpy(), atol=1e-5
+    )
+
+
+def test_keras_layer_matches_function_and_round_trips_config():
+    import keras
+
+    layer = lensing.LensingSimulator(SMALL)
+    params = _batch_params(2)
+    sources = np.stack([_source(32, 0), _source(32, 1)]).astype(np.float32)
+    inputs = {"source": sources, **{k: v.astype(np.float32) for k, v in params.items()}}
+    out = layer(inputs).numpy()
+    ref = lensing.simulate_lensed_image(sources, params, SMALL).numpy()
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    clone = keras.layers.deserialize(keras.layers.serialize(layer))
+    assert clone.config == SMALL
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients
+# ----------------------------------------------------------------------------------------------
+def _loss_and_grads(config, params, source, weights):
+    variables = {k: tf.Variable(np.float64(v)) for k, v in params.items()}
+    src = tf.Variable(source[None])
+    with tf.GradientTape() as tape:
+        image = lensing.simulate_lensed_image(src, variables, config)
+        loss = tf.reduce_sum(weights * image)
+    grads = tape.gradient(loss, {"source": src, **variables})
+    return float(loss), {k: g.numpy() for k, g in grads.items()}
+
+
+@pytest.mark.parametrize("deflection", ["table", "epl"])
+def test_gradients_match_finite_differences(deflection):
+    # float64, 40 x 40 grid. Bilinear interpolation is piecewise linear in the coordinates: a
+    # central difference whose step moves a pixel's source position across a source-pixel
+    # edge gets that pixel's slope wrong by O(1). With step 1e-7 arcsec (1e-6 source pixels)
+    # ~2e-6 of the pixels cross one, so rel 2e-5 (rounding: 1e-16 / 1e-7 of the loss, 1e-9).
+    # Graph mode (jit_compile=False) saves XLA compiles of the 18 retraced steps; XLA
+    # gradients are exercised by the no-NaN test and XLA values by the batch test.
+    config = lensing.LensingConfig(
+        n_pix=40, pixel_scale_arcsec=0.12, deflection=deflection, dtype="float64", jit_compile=False
+    )
+    source = _source(32)
+    weights = np.random.default_rng(3).normal(size=(1, 40, 40))
+    params = dict(PARAMS, s=1.5)
+    _, grads = _loss_and_grads(config, params, source, weights)
+    for name in lensing.PARAM_NAMES:
+        assert np.isfinite(grads[name]), name
+    assert np.all(np.isfinite(grads["source"])) and np.abs(grads["source"]).sum() > 0
+    step = 1e-7
+    for name in ("r_ein", "gamma", "q", "phi", "theta_lens1", "gamma2", "theta_src2", "s", "iota"):
+        values = []
+        for sign in (1, -1):
+            p = dict(params, **{name: params[name] + sign * step})
+            image = lensing.simulate_lensed_image(source[None], p, config).numpy()
+            values.append(np.sum(weights * image))
+        fd = (values[0] - values[1]) / (2 * step)
+        assert grads[name] == pytest.approx(fd, rel=2e-5, abs=1e-7), name
+
+
+@pytest.mark.parametrize("deflection", ["table", "epl"])
+def test_no_nan_at_round_lens_and_lens_centre_on_a_pixel(deflection):
+    # q = 1 exactly and the lens centre exactly on a pixel centre (16 px at 0.1": centres at
+    # +-0.05, +-0.15, ...), for an isothermal and a steep slope; XLA on (the default).
+    config = lensing.LensingConfig(
+        n_pix=16, pixel_scale_arcsec=0.1, deflection=deflection, dtype="float64"
+    )
+    for gamma in (2.0, 2.6):
+        params = dict(PARAMS, q=1.0, gamma=gamma, theta_lens1=0.05, theta_lens2=-0.15)
+        weights = np.ones((1, 16, 16))
+        loss, grads = _loss_and_grads(config, params, _source(16), weights)
+        assert np.isfinite(loss)
+        for name, g in grads.items():
+            assert np.all(np.isfinite(g)), (name, gamma)
+
+
+# ----------------------------------------------------------------------------------------------
+# Priors, noise, S/N
+# ----------------------------------------------------------------------------------------------
+def test_prior_samples_lie_in_their_ranges_and_match_the_paper():
+    prior = lensing.mock_prior()
+    sample = {k: v.numpy() for k, v in prior.sample(4000, seed=7).items()}
+    assert set(sample) == set(lensing.PARAM_NAMES)
+    assert np.all((sample["q"] >= 0.1) & (sample["q"] <= 1.0))
+    assert np.all((sample["gamma"] >= 1.2) & (sample["gamma"] <= 2.8))
+    assert np.all(sample["r_ein"] > 0) and np.all(sample["s"] > 0) and np.all(sample["iota"] > 0)
+    # untruncated ones keep the paper's mean / std (4000 draws: 5-sigma margins)
+    for name, mean, std in (
+        ("theta_src1", 0, 0.1),
+        ("phi", 0, 1.0),
+        ("gamma1", 0, 1.0),
+        ("theta_lens2", 0, 0.5),
+    ):
+        assert abs(sample[name].mean() - mean) < 5 * std / np.sqrt(4000), name
+        assert sample[name].std() == pytest.approx(std, rel=0.06), name
+    lp = prior.log_prob({k: v[:5] for k, v in sample.items()}).numpy()
+    assert lp.shape == (5,) and np.all(np.isfinite(lp))
+    # the samples are valid simulator input (range checks pass)
+    lensing.simulate_lensed_image(np.ones((5, 8, 8)), {k: v[:5] for k, v in sample.items()}, SMALL)
+
+
+def test_noise_presets_and_reproducibility():
+    image = np.zeros((2, 64, 64), np.float32)
+    a = lensing.add_noise(image, "medium", seed=3).numpy()
+    b = lensing.add_noise(image, "medium", seed=3).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert a.std() == pytest.approx(0.1, rel=0.03)  # 8192 draws: std error 0.8 %
+    assert lensing.noise_sigma("low") == 0.333 and lensing.noise_sigma("high") == 0.0333
+    with pytest.raises(TfhybridInputError, match="preset"):
+        lensing.noise_sigma("ultra")
+
+
+def test_signal_to_noise_hand_examples():
+    # Uniform image c = 1 on 40 x 40: the blurred image is >= 1/4 everywhere (corner of a
+    # zero-padded unit image), so with sigma = 0.2 every pixel is in the mask and
+    # S/N = N c / (sigma sqrt N) = 40 * 1 / 0.2 = 200.
+    snr, mask = lensing.signal_to_noise(np.ones((40, 40)), 0.2)
+    assert mask.all() and snr == pytest.approx(200.0, rel=1e-12)
+    # Empty image: empty mask, S/N defined as 0.
+    snr, mask = lensing.signal_to_noise(np.zeros((2, 20, 20)), "high")
+    assert not mask.any() and np.all(snr == 0.0)
+    # A single bright pixel of value 100 at 0.04"/px: the 0.16" (4 px) Gaussian spreads it to
+    # 100 / (2 pi 16) exp(-r^2 / 32) ~ 0.995 exp(-r^2 / 32), which is >= sigma = 0.5 for
+    # r^2 <= 32 ln(1.99) = 22.0 px^2: a disc of pi 22 ~ 69 pixels (69 lattice points have
+    # i^2 + j^2 <= 22). The masked sum is the bright pixel itself: S/N = 100 / (0.5 sqrt n).
+    image = np.zeros((41, 41))
+    image[20, 20] = 100.0
+    snr, mask = lensing.signal_to_noise(image, 0.5)
+    n = mask.sum()
+    i, j = np.nonzero(mask)
+    assert mask[20, 20] and n == 69
+    assert np.all((i - 20) ** 2 + (j - 20) ** 2 <= 22)
+    assert snr == pytest.approx(100.0 / (0.5 * np.sqrt(n)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Converters
+# ----------------------------------------------------------------------------------------------
+def test_lenstronomy_converters_round_trip():
+    kw = lensing.params_to_lenstronomy(PARAMS, (64, 64))[0]
+    assert kw["kwargs_lens"][0]["theta_E"] == pytest.approx(np.sqrt(0.65) * 1.4)
+    assert kw["kwargs_source"][0]["scale"] == pytest.approx(2 * 1.8 / 64)
+    back = lensing.lenstronomy_to_params(kw["kwargs_lens"], kw["kwargs_source"], (64, 64))
+    for name, value in PARAMS.items():
+        assert back[name] == pytest.approx(value, abs=1e-12), name
+    with pytest.raises(TfhybridInputError, match="square"):
+        lensing.params_to_lenstronomy(PARAMS, (64, 32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(q=0.0), "parameter q must be >="),
+        (dict(q=1.2), "parameter q must be <="),
+        (dict(q=0.05), "parameter q must be >="),  # below the table
+        (dict(gamma=2.9), "parameter gamma must be <="),
+        (dict(r_ein=-1.0), "r_ein must be >"),
+        (dict(s=0.0), "parameter s must be >"),
+        (dict(phi=np.nan), "non-finite"),
+        (dict(iota=np.ones((1, 1))), "scalar or have shape"),
+        (dict(theta_src1=np.zeros(3)), "has 3 values but the source batch has 1"),
+    ],
+)
+def test_bad_parameters_raise(change, match):
+    with pytest.raises(TfhybridInputError, match=match):
+        lensing.simulate_lensed_image(np.ones((1, 8, 8)), dict(PARAMS, **change), SMALL)
+
+
+def test_bad_inputs_raise():
+    good = np.ones((1, 8, 8))
+    with pytest.raises(TfhybridInputError, match="rank 3"):
+        lensing.simulate_lensed_image(np.ones((8, 8)), PARAMS, SMALL)
+    with pytest.raises(TfhybridInputError, match="non-finite"):
+        lensing.simulate_lensed_image(np.full((1, 8, 8), np.inf), PARAMS, SMALL)
+    with pytest.raises(TfhybridInputError, match="missing"):
+        lensing.simulate_lensed_image(good, {k: v for k, v in PARAMS.items() if k != "q"}, SMALL)
+    with pytest.raises(TfhybridInputError, match="unknown"):
+        lensing.simulate_lensed_image(good, dict(PARAMS, theta_E=1.0), SMALL)
+    with pytest.raises(TfhybridInputError, match="gamma must be <"):
+        lensing.simulate_lensed_image(
+            good,
+            dict(PARAMS, gamma=3.0),
+            lensing.LensingConfig(n_pix=8, deflection="epl"),
+        )
+    with pytest.raises(TfhybridInputError, match="psf has 3 bands but the lensed image has 1"):
+        lensing.simulate_lensed_image(good, PARAMS, SMALL, psf_image=np.ones((3, 5, 5)))
+    with pytest.raises(TfhybridInputError, match="odd"):
+        lensing.simulate_lensed_image(good, PARAMS, SMALL, psf_image=np.ones((4, 4)))
+    with pytest.raises(TfhybridInputError, match="larger than"):
+        lensing.simulate_lensed_image(good, PARAMS, SMALL, psf_image=np.ones((51, 51)))
+    with pytest.raises(TfhybridInputError, match="deflection must be"):
+        lensing.LensingConfig(deflection="sis")
+    with pytest.raises(TfhybridInputError, match="n_pix"):
+        lensing.LensingConfig(n_pix=0)
+    with pytest.raises(TfhybridInputError, match="rank 2"):
+        lensing.signal_to_noise(np.ones(5), 0.1)
+    with pytest.raises(TfhybridInputError, match="beta1, beta2"):
+        lensing.source_surface_brightness(
+            good, np.ones((2, 4, 4)), np.ones((2, 4, 4)), 0.0, 0.0, 1.0, 1.0
+        )
+
+
+def test_custom_psf_image_is_used():
+    # A delta PSF leaves the image unchanged: compare with no PSF at all.
+    params = dict(PARAMS, s=2.0)
+    no_psf = lensing.LensingConfig(n_pix=48, pixel_scale_arcsec=0.2, psf_sigma_arcsec=None)
+    delta = np.zeros((3, 3))
+    delta[1, 1] = 5.0  # normalised to unit sum
+    a = lensing.simulate_lensed_image(np.ones((1, 16, 16)), params, SMALL, psf_image=delta)
+    b = lensing.simulate_lensed_image(np.ones((1, 16, 16)), params, no_psf)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
