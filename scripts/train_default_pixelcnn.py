@@ -6,6 +6,10 @@ Seeded and bounded: simulates ``--n-train`` + ``--n-val`` + ``--n-test`` survey 
 ``--max-minutes``), then measures the held-out NLL per pixel of the prior and of a diagonal
 Gaussian fitted to the same (noised) training set, and writes config.json + weights.npz.
 
+The shipped default was made with the defaults below (8000 training stamps, 9 epochs reached
+in the 18-minute cap on a shared 2-core CPU, ~10 min of simulation before that; 0.6 MB):
+held-out NLL/pixel -3.749 nats against -3.234 for the diagonal Gaussian (512 stamps).
+
     nice -n 10 python scripts/train_default_pixelcnn.py > train_pixelcnn.log 2>&1 &
 """
 
@@ -21,10 +25,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-train", type=int, default=6000)
+    parser.add_argument("--n-train", type=int, default=8000)
     parser.add_argument("--n-val", type=int, default=256)
     parser.add_argument("--n-test", type=int, default=512)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=40, help="upper bound; see --max-minutes")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--max-minutes", type=float, default=18.0)

@@ -60,20 +60,14 @@ def test_bijectors_keep_parameters_in_support():
             2.0, 5.0
         ).log_prob(q)
 
-    seen = []
-
-    def watched(scale, q):
-        seen.append((scale, q))
-        return lp(scale, q)
-
     res = find_map(
-        watched, [tf.constant(5.0), tf.constant(0.9)], bijectors=[tfb.Softplus(), tfb.Sigmoid()],
+        lp, [tf.constant(5.0), tf.constant(0.9)], bijectors=[tfb.Softplus(), tfb.Sigmoid()],
         method="adam", num_steps=3000, learning_rate=0.05, num_starts=4, seed=3, progress=False,
     )
     assert res.all_converged, res.message
     np.testing.assert_allclose(res.state[0].numpy(), 1.0, atol=1e-3)
     np.testing.assert_allclose(res.state[1].numpy(), 0.2, atol=1e-3)
-    assert np.all(res.state[0].numpy() > 0) and np.all((res.state[1].numpy() > 0))
+    assert np.all(res.state[0].numpy() > 0) and np.all(res.state[1].numpy() > 0)
     assert np.all(res.state[1].numpy() < 1)
     # jittered starts differ (start 0 is the given point)
     assert len(np.unique(res.loss_trace[0])) == 4
@@ -92,3 +86,29 @@ def test_bad_inputs():
         find_map(lambda s: -s, tf.constant(1.0), method="sgd", progress=False)
     with pytest.raises(TfhybridInputError, match="not finite"):
         find_map(lambda s: tf.math.log(s), tf.constant(0.0), progress=False)
+
+
+def test_bijector_keeps_iterates_inside_support_when_optimum_is_outside():
+    """The unconstrained optimum of -(s + 1)^2 / 2 is s = -1, outside s > 0.
+
+    Through a Softplus bijector every iterate the target sees must stay strictly positive
+    (checked inside the compiled loop by an assertion that raises if violated) while the MAP
+    is driven to the boundary s -> 0+. Without the bijector Adam would reach s = -1 within a
+    few hundred steps of 0.05 (the last check proves that it would fail the assertion).
+    float64 so that softplus(u) of a large negative u stays representable (> 0).
+    """
+
+    def lp_checked(s):
+        with tf.control_dependencies([tf.debugging.assert_positive(s, message="left support")]):
+            return -0.5 * (tf.identity(s) + 1.0) ** 2
+
+    res = find_map(
+        lp_checked, tf.constant(2.0, tf.float64), bijectors=tfb.Softplus(), method="adam",
+        num_steps=1500, learning_rate=0.05, progress=False,
+    )
+    s = float(res.state[0].numpy())
+    # 1500 Adam steps of <= 0.05 move u to about -70: softplus(-70) ~ 4e-31 > 0; allow 1e-2
+    assert 0.0 < s < 1e-2, s
+    with pytest.raises(tf.errors.InvalidArgumentError, match="left support"):
+        find_map(lp_checked, tf.constant(2.0, tf.float64), method="adam", num_steps=1500,
+                 learning_rate=0.05, progress=False)

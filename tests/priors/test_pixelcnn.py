@@ -17,9 +17,13 @@ from tfhybrid.priors.pixelcnn import (
     GaussianPixelCNN,
     PixelCNNConfig,
     PixelCNNNetwork,
+    add_training_noise,
     build_pixelcnn,
+    default_pixelcnn_dir,
     gaussian_head,
+    load_default_pixelcnn,
     load_pixelcnn,
+    make_artificial_blends,
     normalize_morphology,
     save_pixelcnn,
     train_pixelcnn,
@@ -261,14 +265,18 @@ def test_training_lowers_loss_checkpoints_and_resumes(tmp_path):
     cx = rng.uniform(3, 4, (32, 1, 1))
     imgs = normalize_morphology(np.exp(-((xx - cx) ** 2 + (yy - 3.5) ** 2) / 4.0))
     cfg = PixelCNNConfig(image_size=8, num_filters=8, noise_sigma=0.01)
+    # jit_compile=False: XLA only lengthens the tracing of this 12-step run
     model, hist = train_pixelcnn(
-        imgs, cfg, epochs=2, batch_size=8, checkpoint_dir=tmp_path, verbose=0, learning_rate=3e-3
+        imgs, cfg, epochs=2, batch_size=8, checkpoint_dir=tmp_path, verbose=0, learning_rate=3e-3,
+        jit_compile=False,
     )
     loss = hist["loss"]
     assert loss[-1] < loss[0]
     assert (tmp_path / "last.weights.npz").exists()
     # resume: continues from the last finished epoch (2 of 3 done), history covers all 3.
-    _, hist2 = train_pixelcnn(imgs, cfg, epochs=3, batch_size=8, checkpoint_dir=tmp_path, verbose=0)
+    _, hist2 = train_pixelcnn(
+        imgs, cfg, epochs=3, batch_size=8, checkpoint_dir=tmp_path, verbose=0, jit_compile=False
+    )
     assert len(hist2["loss"]) == 3 and hist2["loss"][:2] == loss
     with pytest.raises(TfhybridInputError, match="8, 8"):
         train_pixelcnn(np.zeros((4, 16, 16), np.float32), cfg, epochs=1)
@@ -280,3 +288,38 @@ def test_network_accepts_channel_axis_and_paper_config_builds():
     np.testing.assert_array_equal(net(x).numpy(), net(x[..., None]).numpy())
     paper = PixelCNNConfig.paper()
     assert (paper.num_resnet, paper.num_filters, paper.dropout) == (2, 64, 0.5)
+
+
+@pytest.mark.skipif(
+    not (default_pixelcnn_dir() / "weights.npz").exists(), reason="no shipped default weights"
+)
+def test_shipped_default_beats_diagonal_gaussian_and_disfavours_blends():
+    """The shipped prior, loaded with one call, on 32 FRESH held-out survey stamps (seed 9001,
+    disjoint from the training script's seeds 2019-2023).
+
+    * NLL per pixel must beat the diagonal Gaussian baseline the training script recorded
+      (fitted on the same training set, -2.3 nats) by > 0.5 nats: the trained default reaches
+      about -3.7, while the 1-epoch dev model it replaced (-0.01) fails this.
+    * Fig. 2 effect on 12 artificial blends (peak-normalised, training noise added, as in
+      ``scripts/pixelcnn_figures.py``): the blend is less likely than both of its isolated
+      galaxies in at least 9 of 12 pairs (the script measures the fraction on 200 pairs).
+    """
+    from tfhybrid.data.preprocess import make_survey_stamps
+
+    model = load_default_pixelcnn()
+    meta = model.metadata
+    n = model.config.image_size
+    assert meta["test_nll_per_pixel_nats"] < meta["test_nll_per_pixel_diag_gaussian_nats"] - 0.5
+    stamps = normalize_morphology(
+        make_survey_stamps(32, 9001, stamp_size=n, augment=True, noiseless=True, num_workers=1)
+    )
+    sigma = model.config.noise_sigma
+    lp = model.log_prob(add_training_noise(stamps, sigma, 1)).numpy()
+    nll = -lp.mean() / n**2
+    assert nll < meta["test_nll_per_pixel_diag_gaussian_nats"] - 0.5, nll
+    g1, g2, blend, _, _ = make_artificial_blends(stamps, 12, seed=3)
+    lp1, lp2, lpb = (
+        model.log_prob(add_training_noise(a, sigma, 10 + k)).numpy()
+        for k, a in enumerate((g1, g2, blend))
+    )
+    assert np.sum((lpb < lp1) & (lpb < lp2)) >= 9, (lp1, lp2, lpb)

@@ -104,7 +104,10 @@ class SummaryTable:
 
     def to_string(self) -> str:
         w = max([4] + [len(n) for n in self.names])
-        head = f"{'name':<{w}} {'mean':>11} {'sd':>10} {'5%':>11} {'95%':>11} {'ess':>8} {'r_hat':>7}"
+        head = (
+            f"{'name':<{w}} {'mean':>11} {'sd':>10} {'5%':>11} {'95%':>11} {'ess':>8} "
+            f"{'r_hat':>7}"
+        )
         lines = [head, "-" * len(head)]
         for i, n in enumerate(self.names):
             lines.append(

@@ -234,7 +234,10 @@ def find_map(
 def _message(method, conv, lp, steps_run, num_steps, rel) -> str:
     n = conv.size
     if np.all(conv):
-        return f"{method}: all {n} start(s) converged in {steps_run} steps; best log p {lp.max():.6g}"
+        return (
+            f"{method}: all {n} start(s) converged in {steps_run} steps; "
+            f"best log p {lp.max():.6g}"
+        )
     bad = np.flatnonzero(~conv.ravel())
     why = (
         "log p is not finite (diverged; lower the learning rate)"
@@ -268,6 +271,16 @@ def _run_adam(log_prob_u, unconstrained, num_steps, learning_rate, rtol, per_upd
             trace_fn=lambda tq: tq.loss,
         )
 
+    if jit:
+        # XLA-compile the target (and, through it, its gradient) but not the optimiser loop:
+        # a jit-compiled tfp.math.minimize chunk with a Keras optimiser recompiles on every call
+        # (13 s per chunk measured on the lensing posterior), whereas the compiled target is
+        # built once.
+        jit_log_prob = tf.function(log_prob_u, jit_compile=True)
+
+        def loss_fn():  # noqa: F811 - the compiled variant of the function above
+            return -tf.convert_to_tensor(jit_log_prob(*variables))
+
     compiled = {}
     traces = []
     done, prev_end = 0, None
@@ -276,7 +289,7 @@ def _run_adam(log_prob_u, unconstrained, num_steps, learning_rate, rtol, per_upd
     while done < num_steps:
         n = min(per_update, num_steps - done)
         if n not in compiled:
-            compiled[n] = tf.function(lambda n=n: run_chunk(n), jit_compile=jit, autograph=False)
+            compiled[n] = tf.function(lambda n=n: run_chunk(n), autograph=False)
         losses = compiled[n]().numpy()
         traces.append(losses)
         done += n

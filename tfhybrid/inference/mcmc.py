@@ -202,11 +202,15 @@ def sample_posterior(
         for u, k in zip(unconstrained, keys, strict=True):
             t = tf.tile(u[None], [num_chains] + [1] * u.shape.rank)
             noise = tf.random.stateless_normal(t.shape, seed=k, dtype=u.dtype)
-            first = tf.reshape(tf.cast(tf.range(num_chains) > 0, u.dtype), [-1] + [1] * u.shape.rank)
+            first = tf.reshape(
+                tf.cast(tf.range(num_chains) > 0, u.dtype), [-1] + [1] * u.shape.rank
+            )
             tiled.append(t + init_jitter * first * noise)
         unconstrained = tiled
 
-    lp0 = tf.convert_to_tensor(target_log_prob_fn(*[b.forward(u) for b, u in zip(bijs, unconstrained, strict=True)]))
+    lp0 = tf.convert_to_tensor(
+        target_log_prob_fn(*[b.forward(u) for b, u in zip(bijs, unconstrained, strict=True)])
+    )
     batch_shape = lp0.shape
     if batch_shape.rank == 0:
         raise TfhybridInputError(

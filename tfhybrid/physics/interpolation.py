@@ -99,6 +99,9 @@ def bilinear_interpolate_core(image: tf.Tensor, x: tf.Tensor, y: tf.Tensor, mode
     wx = xc - x0
     wy = yc - y0
     cell = (tf.cast(y0, tf.int32) + 1) * (nx + 1) + (tf.cast(x0, tf.int32) + 1)
+    # NaN coordinates (a diverging HMC trajectory) cast to INT_MIN: keep the gather in range so
+    # they give a NaN value (the sampler then rejects the step) instead of an op error
+    cell = tf.clip_by_value(cell, 0, (ny + 1) * (nx + 1) - 1)
     v = tf.gather(corners, cell, batch_dims=1)  # (B, P, 4)
     bottom = (1.0 - wx) * v[..., 0] + wx * v[..., 1]
     top = (1.0 - wx) * v[..., 2] + wx * v[..., 3]

@@ -271,7 +271,8 @@ def resolve_strategy(strategy=None):
     if isinstance(strategy, tf.distribute.Strategy):
         return strategy
     raise TfhybridInputError(
-        f"strategy must be None, 'default', 'mirrored' or a tf.distribute.Strategy; got {strategy!r}"
+        "strategy must be None, 'default', 'mirrored' or a tf.distribute.Strategy; "
+        f"got {strategy!r}"
     )
 
 
