@@ -2,14 +2,14 @@
 
 Data: ``tfhybrid.data.preprocess.make_lensing_training_set(n, seed)`` (simulated COSMOS-like
 galaxies, S/N cut and peak normalisation of the lensing paper, section 2.2) -> train /
-validation / test splits. The test split is saved next to the weights' metadata only as its
-seed; ``scripts/vae_figures.py`` regenerates it to evaluate held-out reconstructions.
+validation / test splits (cached in ``--cache``). ``scripts/vae_figures.py`` evaluates the
+model on a separately simulated held-out set with known noiseless truth.
 
-Seeded and bounded: ``--max-minutes`` caps the training wall time (default 12 min on a 2-core
-CPU). Checkpoints every epoch in ``--checkpoint-dir``: rerunning the same command after an
+Seeded and bounded: ``--max-minutes`` caps the training wall time (default 14 min on a 2-core
+CPU, shared). Checkpoints every epoch in ``--checkpoint-dir``: rerunning the same command after an
 interruption resumes where it stopped.
 
-    nice -n 10 python scripts/train_default_vae.py --n 12000 --max-minutes 12 \
+    nice -n 10 python scripts/train_default_vae.py --n 4000 --max-minutes 14 \
         > /tmp/vae_train.log 2>&1 &
 """
 
@@ -28,74 +28,69 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_SEED = 2020
 
 
-def make_data(n: int, seed: int):
-    """Train / validation / test splits of peak-normalised 64x64 galaxy images."""
-    try:
-        from tfhybrid.data.preprocess import make_lensing_training_set
-    except ImportError:
-        print("WARNING: tfhybrid.data.preprocess missing; development fallback data", flush=True)
-        return _fallback_data(n, seed)
-    return make_lensing_training_set(n, seed)
+SPLITS = ("train", "validation", "test")
 
 
-def _fallback_data(n: int, seed: int):
-    """Stand-in until ``make_lensing_training_set`` exists: same S/N cut and normalisation."""
+def load_or_make_data(n: int, seed: int, cache: Path) -> dict:
+    """Splits (and per-image noise sigma) of ``make_lensing_training_set(n, seed)``, cached."""
     import numpy as np
 
-    from tfhybrid.data.simulate import simulate_galaxy_stamps
+    from tfhybrid.data.preprocess import make_lensing_training_set
+    from tfhybrid.priors.training import save_arrays_npz
 
-    stamps = simulate_galaxy_stamps(3 * n, seed, keep_noiseless=False, progress=True)
-    img = stamps.images
-    down = img.reshape(len(img), 16, 4, 16, 4).mean(axis=(2, 4))
-    snr = down.max(axis=(1, 2)) / stamps.noise_sigma
-    img = img[(snr >= 15) & (snr <= 50)][:n]
-    img = (img / img.max(axis=(1, 2), keepdims=True)).astype(np.float32)
-    n_test = n_val = max(1, len(img) // 20)
-    return {"train": img[n_test + n_val:], "validation": img[n_test:n_test + n_val],
-            "test": img[:n_test]}
+    key = f"n={n},seed={seed}"
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as f:
+            if "key" in f.files and str(f["key"]) == key:
+                return {k: f[k] for k in f.files if k != "key"}
+    data = make_lensing_training_set(n, seed, progress=True)
+    save_arrays_npz(cache, {**data, "key": np.array(key)})
+    return data
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=12000, help="galaxies requested from the data set")
+    p.add_argument("--n", type=int, default=4000, help="galaxies requested from the data set")
     p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--max-minutes", type=float, default=12.0)
+    p.add_argument("--max-minutes", type=float, default=14.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=DATA_SEED)
     p.add_argument("--out", default=str(REPO / "tfhybrid" / "assets" / "vae_default"))
-    p.add_argument("--checkpoint-dir", default=str(Path(tempfile.gettempdir()) / "tfhybrid_vae_default_ckpt"))
-    p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "tfhybrid_vae_default_data.npz"),
-                   help="npz cache of the simulated splits (recomputed if absent)")
+    p.add_argument(
+        "--checkpoint-dir", default=str(Path(tempfile.gettempdir()) / "tfhybrid_vae_default_ckpt")
+    )
+    p.add_argument(
+        "--cache",
+        default=str(Path(tempfile.gettempdir()) / "tfhybrid_vae_default_data.npz"),
+        help="npz cache of the simulated splits (recomputed if absent)",
+    )
     args = p.parse_args(argv)
-
-    import numpy as np
 
     from tfhybrid.priors.vae import save_vae, train_vae
 
     t0 = time.time()
-    cache = Path(args.cache)
-    key = f"n={args.n},seed={args.data_seed}"
-    data = None
-    if cache.is_file():
-        with np.load(cache, allow_pickle=False) as f:
-            if str(f["key"]) == key:
-                data = {k: f[k] for k in ("train", "validation", "test")}
-    if data is None:
-        data = make_data(args.n, args.data_seed)
-        from tfhybrid.priors.training import save_arrays_npz
-
-        save_arrays_npz(cache, {**{k: data[k] for k in ("train", "validation", "test")}, "key": np.array(key)})
-    print(f"data: train {data['train'].shape}, validation {data['validation'].shape}, "
-          f"test {data['test'].shape} ({time.time() - t0:.0f} s)", flush=True)
+    data = load_or_make_data(args.n, args.data_seed, Path(args.cache))
+    print(
+        f"data: train {data['train'].shape}, validation {data['validation'].shape}, "
+        f"test {data['test'].shape} ({time.time() - t0:.0f} s)",
+        flush=True,
+    )
 
     t1 = time.time()
     model, history = train_vae(
-        data["train"], "small", validation_images=data["validation"], epochs=args.epochs,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience,
-        checkpoint_dir=args.checkpoint_dir, max_seconds=60 * args.max_minutes, seed=args.seed,
+        data["train"],
+        "small",
+        validation_images=data["validation"],
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        patience=args.patience,
+        checkpoint_dir=args.checkpoint_dir,
+        max_seconds=60 * args.max_minutes,
+        seed=args.seed,
         verbose=2,
     )
     train_s = time.time() - t1
@@ -103,21 +98,34 @@ def main(argv=None) -> int:
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_vae(model, tmp, metadata={
-        "script": "scripts/train_default_vae.py", "data": "tfhybrid.data.preprocess."
-        "make_lensing_training_set", "n_requested": args.n, "data_seed": args.data_seed,
-        "seed": args.seed, "n_train": int(len(data["train"])),
-        "n_validation": int(len(data["validation"])), "n_test": int(len(data["test"])),
-        "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-        "epochs_run": len(history.get("loss", [])), "train_seconds": round(train_s, 1),
-        "history": history,
-    })
+    save_vae(
+        model,
+        tmp,
+        metadata={
+            "script": "scripts/train_default_vae.py",
+            "data": "tfhybrid.data.preprocess.make_lensing_training_set",
+            "n_requested": args.n,
+            "data_seed": args.data_seed,
+            "seed": args.seed,
+            "n_train": int(len(data["train"])),
+            "n_validation": int(len(data["validation"])),
+            "n_test": int(len(data["test"])),
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "epochs_run": len(history.get("loss", [])),
+            "train_seconds": round(train_s, 1),
+            "history": history,
+        },
+    )
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     best = min(history["val_loss"]) if history.get("val_loss") else float("nan")
-    print(f"saved {out}: {len(history.get('loss', []))} epochs in {train_s:.0f} s, "
-          f"best val -ELBO {best:.1f} nats/image", flush=True)
+    print(
+        f"saved {out}: {len(history.get('loss', []))} epochs in {train_s:.0f} s, "
+        f"best val -ELBO {best:.1f} nats/image",
+        flush=True,
+    )
     return 0
 
 

@@ -159,7 +159,8 @@ def _lagrange_extrapolate(values: np.ndarray, n_ghost: int, degree: int) -> np.n
 
 def _bspline_weights(s):
     """Cubic B-spline weights and base index for fractional node coordinate ``s``."""
-    i = tf.floor(s)
+    # a NaN coordinate (diverging sampler) must give NaN weights, not an out-of-range gather
+    i = tf.floor(tf.where(tf.math.is_finite(s), s, tf.ones_like(s)))  # 1: lowest valid node
     t = s - i
     t2, t3 = t * t, t * t * t
     w0 = (1.0 - t) ** 3 / 6.0

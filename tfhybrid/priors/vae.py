@@ -36,9 +36,16 @@ pixel (lensing paper section 2.2, values roughly in [-1, 1]); latents are (batch
 
 Files: :func:`save_vae` writes ``config.json`` + ``weights.npz`` (network variables by path) +
 ``latent_prior.npz`` (``loc``, ``scale_tril``); :func:`load_vae` rebuilds the architecture from
-code and assigns plain arrays (no pickles, no deserialised code). :func:`load_default_vae` loads
-the small model shipped in ``tfhybrid/assets/vae_default`` (made by
-``scripts/train_default_vae.py``).
+code and assigns plain arrays (no pickles, no deserialised code, no Keras model files, so no
+Lambda layers to unsafe-load). :func:`load_default_vae` loads the small model shipped in
+``tfhybrid/assets/vae_default`` (made by ``scripts/train_default_vae.py``).
+:mod:`tfhybrid.priors.vae_export` writes and reads a TensorFlow SavedModel of the same model
+(``export_prior`` / ``load_prior``) usable without tfhybrid.
+
+Public API used by the lensing application: ``load_default_vae()`` -> :class:`GalaxyVAE` with
+``decode(z)`` (differentiable, (..., 64) -> (..., 64, 64)), ``latent_prior``
+(``tfd.MultivariateNormalTriL``), ``latent_log_prob(z)``, ``encode(x)``, ``sample(n, seed)``,
+``log_prob_elbo(x)``.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -121,7 +129,9 @@ class VAEConfig:
         for field in ("decoder_sigma", "init_std", "prior_covariance_factor"):
             value = getattr(self, field)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise TfhybridInputError(f"VAEConfig.{field} must be a positive number; got {value!r}")
+                raise TfhybridInputError(
+                    f"VAEConfig.{field} must be a positive number; got {value!r}"
+                )
 
     @classmethod
     def paper(cls) -> VAEConfig:
@@ -143,7 +153,9 @@ class VAEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise TfhybridInputError(f"unknown VAE config field(s) {unknown}; expected {sorted(known)}")
+            raise TfhybridInputError(
+                f"unknown VAE config field(s) {unknown}; expected {sorted(known)}"
+            )
         return cls(**data)
 
 
@@ -157,7 +169,9 @@ def resolve_config(config: str | VAEConfig | dict) -> VAEConfig:
         return VAEConfig.paper()
     if config == "small":
         return VAEConfig.small()
-    raise TfhybridInputError(f"config must be 'paper', 'small', a dict or a VAEConfig; got {config!r}")
+    raise TfhybridInputError(
+        f"config must be 'paper', 'small', a dict or a VAEConfig; got {config!r}"
+    )
 
 
 # =========================================================================== pure functions
@@ -175,7 +189,8 @@ def gaussian_log_likelihood(x, mu, sigma):
     """
     x = tf.convert_to_tensor(x)
     mu = tf.convert_to_tensor(mu, dtype=x.dtype)
-    sigma = tf.cast(sigma, x.dtype)
+    # A Python float goes straight to x's dtype (tf.cast would round it through float32 first).
+    sigma = tf.cast(sigma, x.dtype) if tf.is_tensor(sigma) else tf.constant(sigma, x.dtype)
     resid = (x - mu) / sigma
     per_pixel = -0.5 * tf.square(resid) - tf.math.log(sigma) - 0.5 * math.log(2.0 * math.pi)
     return tf.reduce_sum(per_pixel, axis=[-2, -1])
@@ -192,7 +207,10 @@ def kl_normal_standard_normal(mean, scale):
 
 
 def reparametrize(mean, scale, eps):
-    """z_j = mu_e + eps_j * sigma_e (eq. C2): mean, scale (batch, d), eps (M, batch, d) -> (M, batch, d)."""
+    """z_j = mu_e + eps_j * sigma_e (eq. C2).
+
+    mean, scale (batch, d), eps (M, batch, d) -> (M, batch, d).
+    """
     return mean[None] + eps * scale[None]
 
 
@@ -248,10 +266,13 @@ def check_images(name: str, images, allow_single: bool = True) -> np.ndarray:
         arr = arr[None]
     if arr.ndim != 3 or arr.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise TfhybridInputError(
-            f"{name} must have shape (batch, {IMAGE_SIZE}, {IMAGE_SIZE}) (axes y, x); got {arr.shape}"
+            f"{name} must have shape (batch, {IMAGE_SIZE}, {IMAGE_SIZE}) (axes y, x); "
+            f"got {arr.shape}"
         )
     if arr.shape[0] == 0:
-        raise TfhybridInputError(f"{name} is empty; expected at least one {IMAGE_SIZE}x{IMAGE_SIZE} image")
+        raise TfhybridInputError(
+            f"{name} is empty; expected at least one {IMAGE_SIZE}x{IMAGE_SIZE} image"
+        )
     check_finite(name, arr)
     lo, hi = float(arr.min()), float(arr.max())
     if lo < -2.0 or hi > 2.0:
@@ -293,24 +314,38 @@ def build_encoder(config: VAEConfig, seed: int | None = None) -> keras.Model:
     widths = (f, 2 * f, 4 * f, 8 * f)
     for i, width in enumerate(widths, start=1):
         h = keras.layers.Conv2D(
-            width, 4, strides=2, padding="same", use_bias=False,
-            kernel_initializer=_init(config), name=f"enc_conv{i}",
+            width,
+            4,
+            strides=2,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=_init(config),
+            name=f"enc_conv{i}",
         )(h)
         if i > 1:
             h = _batch_norm(config, f"enc_bn{i}")(h)
         h = keras.layers.LeakyReLU(0.2, name=f"enc_lrelu{i}")(h)
     h = keras.layers.Conv2D(
-        config.bottleneck_channels, 4, strides=1, padding="valid", use_bias=False,
-        kernel_initializer=_init(config), name="enc_conv5",
+        config.bottleneck_channels,
+        4,
+        strides=1,
+        padding="valid",
+        use_bias=False,
+        kernel_initializer=_init(config),
+        name="enc_conv5",
     )(h)
     h = keras.layers.LeakyReLU(0.2, name="enc_lrelu5")(h)
     h = keras.layers.Flatten(name="enc_flatten")(h)
     mean = keras.layers.Dense(
-        config.latent_dim, kernel_initializer=_init(config), bias_initializer="zeros",
+        config.latent_dim,
+        kernel_initializer=_init(config),
+        bias_initializer="zeros",
         name="enc_mean",
     )(h)
     log_scale = keras.layers.Dense(
-        config.latent_dim, kernel_initializer=_init(config), bias_initializer="zeros",
+        config.latent_dim,
+        kernel_initializer=_init(config),
+        bias_initializer="zeros",
         name="enc_log_scale",
     )(h)
     scale = keras.layers.Activation("exponential", name="enc_scale")(log_scale)
@@ -323,21 +358,36 @@ def build_decoder(config: VAEConfig) -> keras.Model:
     z_in = keras.Input((config.latent_dim,), name="z")
     h = keras.layers.Reshape((1, 1, config.latent_dim), name="dec_reshape")(z_in)
     h = keras.layers.Conv2DTranspose(
-        8 * f, 4, strides=1, padding="valid", use_bias=False,
-        kernel_initializer=_init(config), name="dec_convt1",
+        8 * f,
+        4,
+        strides=1,
+        padding="valid",
+        use_bias=False,
+        kernel_initializer=_init(config),
+        name="dec_convt1",
     )(h)
     h = _batch_norm(config, "dec_bn1")(h)
     h = keras.layers.ReLU(name="dec_relu1")(h)
     for i, width in enumerate((4 * f, 2 * f, f), start=2):
         h = keras.layers.Conv2DTranspose(
-            width, 4, strides=2, padding="same", use_bias=False,
-            kernel_initializer=_init(config), name=f"dec_convt{i}",
+            width,
+            4,
+            strides=2,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=_init(config),
+            name=f"dec_convt{i}",
         )(h)
         h = _batch_norm(config, f"dec_bn{i}")(h)
         h = keras.layers.ReLU(name=f"dec_relu{i}")(h)
     h = keras.layers.Conv2DTranspose(
-        1, 4, strides=2, padding="same", use_bias=False,
-        kernel_initializer=_init(config), name="dec_convt5",
+        1,
+        4,
+        strides=2,
+        padding="same",
+        use_bias=False,
+        kernel_initializer=_init(config),
+        name="dec_convt5",
     )(h)
     out = keras.layers.Activation("tanh", name="dec_tanh")(h)
     return keras.Model(z_in, out, name="decoder")
@@ -368,7 +418,8 @@ class GalaxyVAE(keras.Model):
         self.encoder = build_encoder(self.config)
         self.decoder = build_decoder(self.config)
         self.log_decoder_sigma = self.add_weight(
-            shape=(), name="log_decoder_sigma",
+            shape=(),
+            name="log_decoder_sigma",
             initializer=keras.initializers.Constant(math.log(self.config.decoder_sigma)),
             trainable=self.config.trainable_sigma,
         )
@@ -401,7 +452,7 @@ class GalaxyVAE(keras.Model):
         return self.decoder(z, training=training)[..., 0]
 
     def _elbo_terms(self, x, eps, training=False):
-        """Return (elbo, expected log-likelihood, kl), each (batch,), for noise eps (M, batch, d)."""
+        """(elbo, expected log-likelihood, kl), each (batch,), for noise eps (M, batch, d)."""
         mean, scale = self._encode(x, training=training)
         z = reparametrize(mean, scale, eps)
         m = tf.shape(eps)[0]
@@ -411,6 +462,24 @@ class GalaxyVAE(keras.Model):
         loglik = gaussian_log_likelihood(x[None], mu, self.decoder_sigma)
         kl = kl_normal_standard_normal(mean, scale)
         return elbo_estimate(loglik, kl), tf.reduce_mean(loglik, axis=0), kl
+
+    def _fixed_noise(self, batch, seed):
+        """Deterministic noise (M, batch, d): stateless normals of ``(seed, 0)``."""
+        return tf.random.stateless_normal(
+            tf.stack([self.config.num_mc_samples, batch, self.latent_dim]),
+            seed=tf.stack([tf.cast(seed, tf.int32), tf.constant(0, tf.int32)]),
+        )
+
+    def _sample_impl(self, n, seed):
+        """n decoded draws of the latent prior, stateless from ``(seed, 1)``; (n, 64, 64)."""
+        eps = tf.random.stateless_normal(
+            tf.stack([n, self.latent_dim]),
+            seed=tf.stack([tf.cast(seed, tf.int32), tf.constant(1, tf.int32)]),
+        )
+        z = tf.convert_to_tensor(self.prior_loc) + tf.linalg.matvec(
+            tf.convert_to_tensor(self.prior_scale_tril), eps
+        )
+        return self._decode(z)
 
     def _noise(self, x, num_samples):
         return keras.random.normal(
@@ -433,7 +502,7 @@ class GalaxyVAE(keras.Model):
             # Gradients are summed over replicas by the optimizer under a distribution strategy.
             scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
         grads = tape.gradient(scaled, self.trainable_variables)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
         return self._update_metrics(loss, loglik, kl)
 
     def test_step(self, data):
@@ -492,11 +561,19 @@ class GalaxyVAE(keras.Model):
                 (m, x.shape[0], self.latent_dim), seed=tf.constant([seed, 0], tf.int32)
             )
         eps = tf.convert_to_tensor(eps, tf.float32)
+        if not bool(tf.reduce_all(tf.math.is_finite(eps))):
+            raise TfhybridInputError("eps contains NaN or inf; expected finite standard normals")
         if eps.shape.rank != 3 or eps.shape[1:] != (x.shape[0], self.latent_dim):
             raise TfhybridInputError(
                 f"eps must have shape (M, {x.shape[0]}, {self.latent_dim}); got {tuple(eps.shape)}"
             )
         return self._elbo_terms(x, eps, training=False)[0]
+
+    def sample(self, n: int, seed: int = 0):
+        """n decoded draws mu_d(z) with z from :attr:`latent_prior`: (n, 64, 64) float32."""
+        if not isinstance(n, int | np.integer) or n < 1:
+            raise TfhybridInputError(f"n must be a positive int; got {n!r}")
+        return self._sample_impl(tf.constant(n, tf.int32), tf.constant(seed, tf.int32))
 
     @property
     def latent_prior(self):
@@ -519,16 +596,22 @@ class GalaxyVAE(keras.Model):
         ]
         return np.concatenate(out, axis=0)
 
-    def fit_latent_prior(self, images, covariance_factor: float | None = None, batch_size: int = 256):
+    def fit_latent_prior(
+        self, images, covariance_factor: float | None = None, batch_size: int = 256
+    ):
         """Fit :attr:`latent_prior` to the encoded means of ``images`` (section 2.1); returns it."""
-        factor = self.config.prior_covariance_factor if covariance_factor is None else covariance_factor
+        factor = (
+            self.config.prior_covariance_factor if covariance_factor is None else covariance_factor
+        )
         loc, scale_tril = fit_latent_prior(self.encoded_means(images, batch_size), factor)
         self.prior_loc.assign(loc.astype(np.float32))
         self.prior_scale_tril.assign(scale_tril.astype(np.float32))
         return self.latent_prior
 
-    def compile(self, learning_rate: float = 2e-4, beta_1: float = 0.5, beta_2: float = 0.999, **kwargs):
-        """Compile with Adam (beta_1 = 0.5, beta_2 = 0.999 as in the paper) unless an optimizer is given."""
+    def compile(
+        self, learning_rate: float = 2e-4, beta_1: float = 0.5, beta_2: float = 0.999, **kwargs
+    ):
+        """Compile with Adam(beta_1 = 0.5, beta_2 = 0.999) as in the paper, unless given one."""
         kwargs.setdefault(
             "optimizer", keras.optimizers.Adam(learning_rate, beta_1=beta_1, beta_2=beta_2)
         )
@@ -601,19 +684,22 @@ def train_vae(
         model = GalaxyVAE(config, seed=seed)
         model.compile(learning_rate=learning_rate)
     train_ds = images_dataset(train_images, batch_size, shuffle_seed=seed)
-    history, _ = fit_resumable(
-        model,
-        train_ds,
-        validation_data=val_ds,
-        epochs=epochs,
-        checkpoint_dir=checkpoint_dir,
-        monitor="val_loss" if val_ds is not None else None,
-        patience=patience if val_ds is not None else None,
-        tensorboard_dir=tensorboard_dir,
-        max_seconds=max_seconds,
-        callbacks=callbacks,
-        verbose=verbose,
-    )
+    with warnings.catch_warnings():
+        # The dataset is shuffled by images_dataset; Keras warns that fit's shuffle is unused.
+        warnings.filterwarnings("ignore", message=".*shuffle=True.*", category=UserWarning)
+        history, _ = fit_resumable(
+            model,
+            train_ds,
+            validation_data=val_ds,
+            epochs=epochs,
+            checkpoint_dir=checkpoint_dir,
+            monitor="val_loss" if val_ds is not None else None,
+            patience=patience if val_ds is not None else None,
+            tensorboard_dir=tensorboard_dir,
+            max_seconds=max_seconds,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
     if fit_prior:
         model.fit_latent_prior(train_images)
     return model, history
@@ -629,7 +715,9 @@ def save_vae(model: GalaxyVAE, directory: str | os.PathLike, metadata: dict | No
     directory.mkdir(parents=True, exist_ok=True)
     arrays = variables_to_arrays(model.weights)
     prior_keys = {v.path for v in (model.prior_loc, model.prior_scale_tril)}
-    save_arrays_npz(directory / "weights.npz", {k: v for k, v in arrays.items() if k not in prior_keys})
+    save_arrays_npz(
+        directory / "weights.npz", {k: v for k, v in arrays.items() if k not in prior_keys}
+    )
     save_arrays_npz(
         directory / "latent_prior.npz",
         {
@@ -661,18 +749,26 @@ def read_vae_config(directory: str | os.PathLike) -> tuple[VAEConfig, dict]:
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise TfhybridInputError(f"{path} is not valid JSON (corrupted or truncated?): {err}") from err
+        raise TfhybridInputError(
+            f"{path} is not valid JSON (corrupted or truncated?): {err}"
+        ) from err
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise TfhybridInputError(f"{path} is not a {FORMAT_NAME} config (format={data.get('format')!r})"
-                                 if isinstance(data, dict) else f"{path} is not a {FORMAT_NAME} config")
+        raise TfhybridInputError(
+            f"{path} is not a {FORMAT_NAME} config (format={data.get('format')!r})"
+            if isinstance(data, dict)
+            else f"{path} is not a {FORMAT_NAME} config"
+        )
     if data.get("version") != FORMAT_VERSION:
         raise TfhybridInputError(
-            f"{path} has format version {data.get('version')!r}; this tfhybrid reads {FORMAT_VERSION}"
+            f"{path} has format version {data.get('version')!r}; "
+            f"this tfhybrid reads {FORMAT_VERSION}"
         )
     return VAEConfig.from_dict(data.get("config")), data.get("metadata", {})
 
 
-def load_vae(directory: str | os.PathLike, expected_config: str | VAEConfig | dict | None = None) -> GalaxyVAE:
+def load_vae(
+    directory: str | os.PathLike, expected_config: str | VAEConfig | dict | None = None
+) -> GalaxyVAE:
     """Rebuild a :class:`GalaxyVAE` from code and load the arrays written by :func:`save_vae`.
 
     ``expected_config``, if given, must equal the stored config (a clear error otherwise).
@@ -681,14 +777,19 @@ def load_vae(directory: str | os.PathLike, expected_config: str | VAEConfig | di
     config, metadata = read_vae_config(directory)
     if expected_config is not None and resolve_config(expected_config) != config:
         raise TfhybridInputError(
-            f"{directory} holds a VAE with config {config}; expected {resolve_config(expected_config)}"
+            f"{directory} holds a VAE with config {config}; "
+            f"expected {resolve_config(expected_config)}"
         )
     model = GalaxyVAE(config)
     net = [v for v in model.weights if v.name not in _PRIOR_VARIABLES]
-    assign_arrays(net, load_arrays_npz(directory / "weights.npz"), source=str(directory / "weights.npz"))
+    assign_arrays(
+        net, load_arrays_npz(directory / "weights.npz"), source=str(directory / "weights.npz")
+    )
     prior = load_arrays_npz(directory / "latent_prior.npz")
     d = config.latent_dim
-    if prior.get("loc", np.empty(0)).shape != (d,) or prior.get("scale_tril", np.empty(0)).shape != (d, d):
+    if prior.get("loc", np.empty(0)).shape != (d,) or prior.get(
+        "scale_tril", np.empty(0)
+    ).shape != (d, d):
         raise TfhybridInputError(
             f"{directory / 'latent_prior.npz'} must hold loc ({d},) and scale_tril ({d}, {d}); "
             f"got { {k: v.shape for k, v in prior.items()} }"
