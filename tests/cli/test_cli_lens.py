@@ -1,0 +1,57 @@
+"""``tfhybrid lens mock|fit|sample|report`` and ``tfhybrid demo`` end to end (tiny runs)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tfhybrid.cli.main import main
+
+
+def test_lens_help(capsys):
+    for argv in (["lens", "--help"], ["lens", "mock", "--help"], ["lens", "fit", "--help"],
+                 ["lens", "sample", "--help"], ["lens", "report", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+    assert "--num-burnin" in capsys.readouterr().out
+
+
+def test_mock_fit_sample_report(tmp_path, capsys):
+    mock_dir, fit_dir = tmp_path / "mocks", tmp_path / "fit"
+    assert main(["lens", "mock", "--n", "1", "--seed", "2", "--levels", "high",
+                 "--out", str(mock_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 1 mock system" in out and "high" in out
+    mock = mock_dir / "mock_000.fits"
+    assert main(["lens", "fit", "--mock", str(mock), "--steps", "30", "--starts", "1",
+                 "--out", str(fit_dir), "--no-progress"]) == 0
+    assert "MAP of 1 system" in capsys.readouterr().out
+    data = json.loads((fit_dir / "map.json").read_text())
+    assert np.isfinite(data["log_prob"][0]) and len(data["z"][0]) == 64
+    for name in ("map_model.fits", "fig_map.png", "fig_loss.png", "map_table.txt"):
+        assert (fit_dir / name).is_file(), name
+    assert main(["lens", "sample", "--mock", str(mock), "--map", str(fit_dir / "map.json"),
+                 "--num-results", "6", "--num-burnin", "0", "--out", str(fit_dir),
+                 "--no-progress"]) == 0
+    assert "HMC: 6 draws" in capsys.readouterr().out
+    with np.load(fit_dir / "samples.npz") as s:
+        assert s["r_ein"].shape == (6, 1, 1) and np.all(np.isfinite(s["r_ein"]))
+    for name in ("posterior.nc", "fig_posterior.png", "table.txt", "summary.json"):
+        assert (fit_dir / name).is_file(), name
+    assert main(["lens", "report", str(fit_dir)]) == 0
+    assert "r_ein" in capsys.readouterr().out
+
+
+def test_bad_input_one_line_no_output(tmp_path, capsys):
+    assert main(["lens", "mock", "--n", "0", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "--n must be >= 1" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+    assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"),
+                 "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "f").exists()
+    assert main(["demo", "--map-steps", "0", "--out", str(tmp_path / "d")]) == 2
+    assert not (tmp_path / "d").exists()

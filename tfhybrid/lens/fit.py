@@ -1,0 +1,255 @@
+"""MAP fits and posterior samples of lens systems (sections 5.2–5.3 of 003_*).
+
+Both read the same :class:`tfhybrid.lens.model.LensPosterior` (eq. 26) through the generic
+engines of :mod:`tfhybrid.inference`: :func:`fit_map` runs multi-start Adam (the paper's
+optimiser) or L-BFGS in the unconstrained space of the priors' bijectors, all starts and all
+systems in one batched graph, and keeps the best start of each system; :func:`sample_lens_posterior`
+runs HMC (the paper: 50 adaptation steps then 500 draws from the MAP) or NUTS, chunked and
+resumable. :func:`parameter_table` and :func:`coverage` turn the results into the paper's
+comparisons (true vs MAP vs posterior mean ± std, per cent errors, interval coverage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfhybrid.inference.map import MapResult, find_map
+from tfhybrid.inference.mcmc import PosteriorResult, sample_posterior
+from tfhybrid.lens.model import STATE_NAMES, LensPosterior
+from tfhybrid.physics.lensing import PARAM_NAMES
+from tfhybrid.validation import TfhybridInputError
+
+__all__ = [
+    "LensMap",
+    "LensSamples",
+    "fit_map",
+    "sample_lens_posterior",
+    "parameter_table",
+    "coverage",
+    "format_table",
+]
+
+
+@dataclass
+class LensMap:
+    """Best MAP estimate of each of the ``S`` systems.
+
+    Attributes
+    ----------
+    params : dict name → (S,) float64, the 12 parameters.
+    z : (S, latent_dim) float32 latent of the source.
+    log_prob : (S,) log posterior (eq. 26, unnormalised) at the estimate.
+    best_start : (S,) index of the start that won.
+    result : the engine's :class:`tfhybrid.inference.map.MapResult` over all starts.
+    wall_time_s : seconds spent in the optimiser.
+    """
+
+    params: dict
+    z: np.ndarray
+    log_prob: np.ndarray
+    best_start: np.ndarray
+    result: MapResult
+    wall_time_s: float
+
+    def state(self) -> list[tf.Tensor]:
+        """State parts (constrained), each with leading axis ``S``."""
+        return [tf.constant(self.params[k], tf.float32) for k in PARAM_NAMES] + [
+            tf.constant(self.z, tf.float32)
+        ]
+
+    @property
+    def message(self) -> str:
+        return self.result.message
+
+
+@dataclass
+class LensSamples:
+    """Posterior draws of the ``S`` systems.
+
+    Attributes
+    ----------
+    params : dict name → (num_results, num_chains, S) draws of each parameter.
+    z : (num_results, num_chains, S, latent_dim) draws of the latent.
+    result : the engine's :class:`tfhybrid.inference.mcmc.PosteriorResult`.
+    """
+
+    params: dict
+    z: np.ndarray
+    result: PosteriorResult
+
+    def mean(self) -> dict:
+        return {k: v.reshape(-1, v.shape[-1]).mean(0) for k, v in self.params.items()}
+
+    def std(self) -> dict:
+        return {k: v.reshape(-1, v.shape[-1]).std(0, ddof=1) for k, v in self.params.items()}
+
+    def interval(self, probability: float = 0.68) -> dict:
+        """Central credible interval per parameter: name → ((S,) low, (S,) high)."""
+        lo, hi = 50.0 * (1.0 - probability), 50.0 * (1.0 + probability)
+        return {
+            k: (np.percentile(v.reshape(-1, v.shape[-1]), lo, axis=0),
+                np.percentile(v.reshape(-1, v.shape[-1]), hi, axis=0))
+            for k, v in self.params.items()
+        }
+
+
+def _default_learning_rate(num_steps: int):
+    # Adam moves every unconstrained coordinate by ~lr per step: 0.03 crosses the prior
+    # range of r_Ein, q, γ (logit units) in a few hundred steps, and the decay to 3e-4 lets it
+    # settle to the noise-limited optimum instead of orbiting it (tested on the mocks).
+    return keras.optimizers.schedules.PolynomialDecay(0.03, max(1, int(0.9 * num_steps)), 3e-4)
+
+
+def fit_map(
+    posterior: LensPosterior,
+    num_starts: int = 4,
+    method: str = "adam",
+    num_steps: int = 2000,
+    learning_rate=None,
+    seed: int = 0,
+    initial_state=None,
+    progress: bool = True,
+    jit_compile: bool = False,
+    rtol: float = 1e-6,
+) -> LensMap:
+    """MAP estimate (eq. 26) of every system, multi-start, in one batched graph.
+
+    Parameters
+    ----------
+    posterior : LensPosterior of ``S`` systems.
+    num_starts : starts per system (:meth:`LensPosterior.initial_states`: prior medians, then
+        prior draws). Each start costs one more forward model per step.
+    method : "adam" (the paper's) or "lbfgs".
+    num_steps : Adam steps or L-BFGS iterations.
+    learning_rate : Adam rate or Keras schedule (default: polynomial decay 0.03 → 3e-4).
+    initial_state : state parts with leading shape ``(num_starts, S)`` (overrides num_starts).
+    jit_compile : XLA-compile the optimiser chunks.
+    """
+    import time
+
+    if not isinstance(posterior, LensPosterior):
+        raise TfhybridInputError(f"posterior must be a LensPosterior; got {type(posterior)}")
+    state = initial_state if initial_state is not None else posterior.initial_states(
+        num_starts, seed
+    )
+    if len(state) != len(STATE_NAMES):
+        raise TfhybridInputError(f"initial_state must have {len(STATE_NAMES)} parts {STATE_NAMES}")
+    lr = _default_learning_rate(num_steps) if learning_rate is None else learning_rate
+    t0 = time.perf_counter()
+    res = find_map(
+        posterior.target_log_prob, list(state), bijectors=posterior.bijectors(), method=method,
+        num_steps=num_steps, learning_rate=lr, rtol=rtol, progress=progress,
+        jit_compile=jit_compile,
+    )
+    wall = time.perf_counter() - t0
+    lp = np.asarray(res.log_prob)  # (starts, S)
+    if lp.ndim == 1:
+        lp = lp[None]
+    best = np.argmax(np.where(np.isfinite(lp), lp, -np.inf), axis=0)
+    cols = np.arange(lp.shape[1])
+    params = {}
+    for name, part in zip(PARAM_NAMES, res.state[:-1], strict=True):
+        arr = np.asarray(part, dtype=np.float64).reshape(lp.shape)
+        params[name] = arr[best, cols]
+    z = np.asarray(res.state[-1], dtype=np.float32).reshape(lp.shape + (-1,))[best, cols]
+    return LensMap(params, z, lp[best, cols], best, res, wall)
+
+
+def sample_lens_posterior(
+    posterior: LensPosterior,
+    start: LensMap | list,
+    num_results: int = 500,
+    num_burnin: int = 50,
+    kernel: str = "hmc",
+    num_chains: int = 1,
+    seed: int = 0,
+    checkpoint_dir=None,
+    progress: bool = True,
+    num_leapfrog_steps: int = 10,
+    step_size: float | None = None,
+    jit_compile: bool = False,
+) -> LensSamples:
+    """HMC (or NUTS) draws of all parameters and ``z`` of every system, from ``start``.
+
+    The paper's schedule by default: 50 warm-up steps (step size and diagonal mass matrix
+    adapted), then 500 draws, starting from the MAP. Chains after the first start from the MAP
+    jittered by 0.1 · N(0, 1) in unconstrained space. ``checkpoint_dir`` makes the run resumable
+    (chunks on disk; a rerun with the same arguments continues where it stopped).
+    """
+    if isinstance(start, LensMap):
+        state = start.state()
+    else:
+        state = [tf.convert_to_tensor(s, tf.float32) for s in start]
+    if step_size is None:
+        # around the MAP of a 76-parameter posterior the unconstrained widths are ~1e-3–1e-2:
+        # start small and let dual averaging grow it during warm-up
+        step_size = 1e-3
+    res = sample_posterior(
+        posterior.target_log_prob, state, num_results=num_results, num_burnin=num_burnin,
+        kernel=kernel, bijectors=posterior.bijectors(), num_chains=num_chains, seed=seed,
+        checkpoint_dir=checkpoint_dir, progress=progress, step_size=step_size,
+        num_leapfrog_steps=num_leapfrog_steps, jit_compile=jit_compile,
+        names=list(STATE_NAMES),
+    )
+    params = {name: np.asarray(s, dtype=np.float64) for name, s in
+              zip(PARAM_NAMES, res.samples[:-1], strict=True)}
+    return LensSamples(params, np.asarray(res.samples[-1]), res)
+
+
+def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | None = None,
+                    names=("r_ein", "gamma", "phi", "q", "gamma1", "gamma2",
+                           "theta_lens1", "theta_lens2")) -> list[dict]:
+    """Rows (one per system and parameter): true, MAP, posterior mean ± std, per cent errors.
+
+    ``error_map_pct`` = 100 (MAP − true) / |true|; ``bias_sigma`` = (mean − true) / std.
+    """
+    rows = []
+    mean = samples.mean() if samples is not None else None
+    std = samples.std() if samples is not None else None
+    n = len(fit.log_prob)
+    for i in range(n):
+        for name in names:
+            row = dict(system=i, parameter=name, map=float(fit.params[name][i]))
+            if truth is not None:
+                t = float(np.asarray(truth[name])[i])
+                row["true"] = t
+                row["error_map_pct"] = 100.0 * (row["map"] - t) / max(abs(t), 1e-12)
+            if mean is not None:
+                row["mean"] = float(mean[name][i])
+                row["std"] = float(std[name][i])
+                if truth is not None:
+                    row["error_mean_pct"] = 100.0 * (row["mean"] - row["true"]) / max(
+                        abs(row["true"]), 1e-12)
+                    row["bias_sigma"] = (row["mean"] - row["true"]) / max(row["std"], 1e-30)
+            rows.append(row)
+    return rows
+
+
+def coverage(truth: dict, samples: LensSamples, probability: float = 0.68,
+             names=("r_ein", "gamma", "phi", "q")) -> dict:
+    """Fraction of systems whose central ``probability`` interval contains the truth, per name."""
+    intervals = samples.interval(probability)
+    out = {}
+    for name in names:
+        lo, hi = intervals[name]
+        t = np.asarray(truth[name], dtype=np.float64)
+        out[name] = float(np.mean((t >= lo) & (t <= hi)))
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table of :func:`parameter_table` rows."""
+    cols = [c for c in ("system", "parameter", "true", "map", "error_map_pct", "mean", "std",
+                        "error_mean_pct", "bias_sigma") if any(c in r for r in rows)]
+    lines = ["  ".join(f"{c:>14s}" for c in cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:>14.5g}" if isinstance(v, float) else f"{v!s:>14s}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)

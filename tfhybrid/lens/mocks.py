@@ -1,0 +1,323 @@
+"""Mock lens systems of section 5.1 of Chianese et al. 2020 (file ``003_*``).
+
+A mock is a held-out galaxy image (never seen by the VAE) used as the source of eq. 17, lens and
+source parameters drawn from the priors (eqs. 14–16, 18–23, :func:`tfhybrid.lens.model.
+parameter_prior`), the lensing simulator (256 × 256, 0.04″, Gaussian PSF σ = 0.05″), and
+Gaussian pixel noise at the paper's three levels (σ = 0.333, 0.1, 0.0333: low, medium and high
+S/N), with the S/N of eqs. 24–25 for each (Table 1).
+
+Sources. The paper denoised test-set COSMOS images (non-local means) and rescaled them to fill
+about the central third of the source plane. Here the sources are simulated galaxies of the
+VAE's training population (same simulator, same S/N selection, same 64 × 64 preprocessing and
+peak normalisation), from a seed stream disjoint from the training set's
+(:data:`HELD_OUT_SEED_OFFSET`), taken noise-free, and zoomed about their centroid so that the
+radius holding 90 % of the flux is 1/6 of the image side (the galaxy's 90 % diameter then spans
+the central third; the zoom is clipped to [0.5, 2] so no source is distorted far from its
+population).
+
+Files: :func:`write_mock_fits` writes one multi-extension FITS per system: the noise-free image
+in the primary HDU, whose header records every true parameter (``R_EIN``, ``GAMMA``, ``Q``,
+``PHI``, ``TLENS1``, ``TLENS2``, ``GAMMA1``, ``GAMMA2``, ``TSRC1``, ``TSRC2``, ``S``, ``IOTA``)
+and the simulator configuration; ``SOURCE`` (64 × 64); ``OBS_LOW``, ``OBS_MEDIUM``,
+``OBS_HIGH`` with ``NOISE`` and ``SNR`` cards.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from scipy import ndimage
+
+from tfhybrid.data.preprocess import (
+    LENSING_IMAGE_SIZE,
+    LENSING_SNR_RANGE,
+    crop_to_square,
+    downscale,
+    snr_cut_mask,
+)
+from tfhybrid.data.simulate import simulate_galaxy_stamps
+from tfhybrid.io import atomic_path
+from tfhybrid.lens.model import LensPriorConfig, parameter_prior
+from tfhybrid.physics.lensing import (
+    NOISE_SIGMA_PRESETS,
+    PARAM_NAMES,
+    LensingConfig,
+    add_noise,
+    signal_to_noise,
+    simulate_lensed_image,
+)
+from tfhybrid.validation import TfhybridInputError
+
+__all__ = [
+    "HELD_OUT_SEED_OFFSET",
+    "FITS_KEYS",
+    "MockSystems",
+    "held_out_sources",
+    "rescale_to_central_third",
+    "make_mocks",
+    "write_mock_fits",
+    "read_mock_fits",
+]
+
+#: Held-out sources use simulation seeds ``seed + HELD_OUT_SEED_OFFSET + 7919 r``; the shipped
+#: VAE's training rounds used ``SeedSequence([2020, r])`` seeds (32-bit hashes): the streams
+#: differ, so no training galaxy is drawn again.
+HELD_OUT_SEED_OFFSET = 1_000_003
+
+#: FITS header keyword of each parameter (8 characters at most).
+FITS_KEYS = dict(
+    r_ein="R_EIN", gamma="GAMMA", q="Q", phi="PHI", theta_lens1="TLENS1", theta_lens2="TLENS2",
+    gamma1="GAMMA1", gamma2="GAMMA2", theta_src1="TSRC1", theta_src2="TSRC2", s="S", iota="IOTA",
+)
+_FITS_COMMENTS = dict(
+    r_ein="Einstein radius [arcsec] (eq. 11)", gamma="power-law slope (eq. 11)",
+    q="axis ratio minor/major (eq. 12)", phi="major-axis angle [rad]",
+    theta_lens1="lens centre x [arcsec]", theta_lens2="lens centre y [arcsec]",
+    gamma1="external shear (eq. 13)", gamma2="external shear (eq. 13)",
+    theta_src1="source centre x [arcsec]", theta_src2="source centre y [arcsec]",
+    s="source half-size [arcsec] (eq. 17)", iota="source intensity (eq. 17)",
+)
+_FORMAT = "tfhybrid.lens.mock"
+NOISE_LEVELS = tuple(NOISE_SIGMA_PRESETS)  # ("low", "medium", "high")
+
+
+@dataclass
+class MockSystems:
+    """``S`` mock systems.
+
+    Attributes
+    ----------
+    params : dict of (S,) float arrays, the 12 true parameters of :data:`PARAM_NAMES`.
+    sources : (S, 64, 64) float32, the true source images (peak 1, rows increase with θ₂).
+    noiseless : (S, n_pix, n_pix) float32, the noise-free lensed, PSF-convolved images.
+    observed : dict noise level → (S, n_pix, n_pix) float32 noisy images.
+    noise_sigma : dict noise level → σ.
+    snr : dict noise level → (S,) S/N of eqs. 24–25 (Table 1).
+    config : LensingConfig used.
+    """
+
+    params: dict
+    sources: np.ndarray
+    noiseless: np.ndarray
+    observed: dict
+    noise_sigma: dict
+    snr: dict
+    config: LensingConfig = field(default_factory=LensingConfig)
+
+    @property
+    def num_systems(self) -> int:
+        return int(self.sources.shape[0])
+
+    def system(self, i: int) -> MockSystems:
+        """The ``i``-th system alone (arrays keep a leading axis of 1)."""
+        sl = slice(i, i + 1)
+        return MockSystems(
+            {k: v[sl] for k, v in self.params.items()}, self.sources[sl], self.noiseless[sl],
+            {k: v[sl] for k, v in self.observed.items()}, dict(self.noise_sigma),
+            {k: v[sl] for k, v in self.snr.items()}, self.config,
+        )
+
+    def snr_table(self) -> str:
+        """Table 1 of the paper for these systems: σ_noise and S/N per level."""
+        levels = list(self.observed)
+        head = "system  " + "  ".join(f"{lv:>8s}" for lv in levels)
+        sig = "sigma   " + "  ".join(f"{self.noise_sigma[lv]:8.4g}" for lv in levels)
+        rows = [
+            f"{i:<6d}  " + "  ".join(f"{self.snr[lv][i]:8.0f}" for lv in levels)
+            for i in range(self.num_systems)
+        ]
+        return "\n".join([head, sig, *rows])
+
+
+def rescale_to_central_third(image: np.ndarray, zoom_range=(0.5, 2.0)) -> np.ndarray:
+    """Zoom a source image about its centroid so its 90 %-flux radius is 1/6 of the side.
+
+    Linear (order-1) resampling with scipy; the output has the input's shape, is clipped at 0
+    and peak-normalised. The zoom factor is clipped to ``zoom_range``.
+    """
+    img = np.clip(np.asarray(image, dtype=np.float64), 0.0, None)
+    n = img.shape[-1]
+    total = img.sum()
+    if not total > 0:
+        raise TfhybridInputError("source image has no positive flux; cannot rescale it")
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
+    cy, cx = (img * yy).sum() / total, (img * xx).sum() / total
+    r = np.hypot(yy - cy, xx - cx).ravel()
+    order = np.argsort(r)
+    cum = np.cumsum(img.ravel()[order])
+    r90 = r[order][np.searchsorted(cum, 0.9 * total)]
+    zoom = float(np.clip((n / 6.0) / max(r90, 0.5), *zoom_range))
+    # output pixel (i, j) samples the input at centroid + (i - c_out) / zoom
+    c_out = 0.5 * (n - 1)
+    out_y, out_x = np.mgrid[: img.shape[0], : img.shape[1]].astype(np.float64)
+    coords = np.stack([cy + (out_y - c_out) / zoom, cx + (out_x - c_out) / zoom])
+    out = ndimage.map_coordinates(img, coords, order=1, mode="constant", cval=0.0)
+    out = np.clip(out, 0.0, None)
+    return (out / out.max()).astype(np.float32)
+
+
+def held_out_sources(n: int, seed: int = 0, stamp_size: int = 128,
+                     max_tries: int = 60) -> np.ndarray:
+    """``n`` noise-free 64 × 64 held-out source images (see the module docstring).
+
+    Simulated with seeds ``seed + HELD_OUT_SEED_OFFSET + round``; a stamp is kept when its
+    noisy version passes the training set's S/N cut (15 ≤ max(I_1/4)/σ ≤ 50), then its
+    noise-free version is cropped, downscaled to 64 × 64, peak-normalised and rescaled with
+    :func:`rescale_to_central_third`. Deterministic for ``(n, seed)``.
+    """
+    if not isinstance(n, int | np.integer) or n < 1:
+        raise TfhybridInputError(f"n must be a positive int; got {n!r}")
+    kept: list[np.ndarray] = []
+    for round_index in range(max_tries):
+        batch = max(16, 8 * (n - len(kept)))
+        stamps = simulate_galaxy_stamps(
+            batch, int(seed) + HELD_OUT_SEED_OFFSET + round_index * 7919, stamp_size=stamp_size,
+            num_workers=1 if batch <= 64 else None,
+        )
+        # the training set's cut, on the native stamps as make_lensing_training_set applies it
+        sigma = np.broadcast_to(np.asarray(stamps.noise_sigma, dtype=np.float64), (batch,))
+        mask = snr_cut_mask(stamps.images, sigma, *LENSING_SNR_RANGE)
+        for i in np.flatnonzero(mask):
+            clean = downscale(crop_to_square(stamps.noiseless[i]), LENSING_IMAGE_SIZE)
+            kept.append(rescale_to_central_third(clean / clean.max()))
+            if len(kept) == n:
+                return np.stack(kept)
+    raise TfhybridInputError(
+        f"only {len(kept)} of {n} held-out sources passed the S/N cut after {max_tries} rounds"
+    )
+
+
+def make_mocks(
+    n: int = 1,
+    seed: int = 0,
+    noise_levels=NOISE_LEVELS,
+    config: LensingConfig | None = None,
+    prior: LensPriorConfig | None = None,
+    sources: np.ndarray | None = None,
+    min_snr_high: float = 0.0,
+) -> MockSystems:
+    """Section 5.1 mocks: held-out sources, prior-drawn parameters, three noise levels.
+
+    Parameters
+    ----------
+    n : number of systems.
+    seed : seeds the sources, the parameter draws and the noise (stateless).
+    noise_levels : names of :data:`tfhybrid.physics.lensing.NOISE_SIGMA_PRESETS` or numbers.
+    config : LensingConfig (default: the paper's 256 × 256 at 0.04″, PSF σ = 0.05″).
+    prior : LensPriorConfig for the parameter draws.
+    sources : (n, 64, 64) source images to use instead of :func:`held_out_sources`.
+    min_snr_high : redraw a system's parameters (up to 20 times) while its S/N at the LAST
+        noise level is below this (0: keep every draw).
+    """
+    config = LensingConfig() if config is None else config
+    if sources is None:
+        sources = held_out_sources(n, seed)
+    sources = np.asarray(sources, dtype=np.float32)
+    if sources.ndim != 3 or sources.shape[0] != n:
+        raise TfhybridInputError(
+            f"sources must have shape ({n}, ny, nx) for n={n}; got {sources.shape}"
+        )
+    levels = list(noise_levels)
+    if not levels:
+        raise TfhybridInputError("noise_levels is empty; give at least one level")
+    sigmas = {str(lv): float(NOISE_SIGMA_PRESETS.get(lv, lv)) for lv in levels}
+    for name, sig in sigmas.items():
+        if not (np.isfinite(sig) and sig > 0):
+            raise TfhybridInputError(f"noise level {name!r} must have sigma > 0; got {sig}")
+    prior_jd = parameter_prior(prior, tf.float32)
+    draws = {k: v.numpy().astype(np.float64) for k, v in
+             prior_jd.sample(n, seed=(int(seed), 101)).items()}
+    noiseless = simulate_lensed_image(sources, draws, config).numpy()
+    last = list(sigmas)[-1]
+    for attempt in range(20 if min_snr_high > 0 else 0):
+        snr_last, _ = signal_to_noise(noiseless, sigmas[last], config.pixel_scale_arcsec)
+        bad = np.atleast_1d(snr_last) < min_snr_high
+        if not bad.any():
+            break
+        redraw = {k: v.numpy().astype(np.float64) for k, v in
+                  prior_jd.sample(n, seed=(int(seed), 1000 + attempt)).items()}
+        for k in draws:
+            draws[k] = np.where(bad, redraw[k], draws[k])
+        noiseless = simulate_lensed_image(sources, draws, config).numpy()
+    observed, snr = {}, {}
+    for j, (name, sig) in enumerate(sigmas.items()):
+        obs = add_noise(noiseless, sig, seed=(int(seed), 200 + j)).numpy()
+        observed[name] = obs.astype(np.float32)
+        # S/N of the noisy observation, as the paper computes it (eqs. 24-25)
+        snr[name] = np.atleast_1d(signal_to_noise(obs, sig, config.pixel_scale_arcsec)[0])
+    return MockSystems(draws, sources, noiseless.astype(np.float32), observed, sigmas, snr,
+                       config)
+
+
+def write_mock_fits(mocks: MockSystems, directory: str | os.PathLike,
+                    overwrite: bool = False) -> list[Path]:
+    """One FITS file per system, ``mock_000.fits``, … (layout in the module docstring)."""
+    from astropy.io import fits
+
+    out_dir = Path(directory)
+    paths = [out_dir / f"mock_{i:03d}.fits" for i in range(mocks.num_systems)]
+    if not overwrite:
+        existing = [str(p) for p in paths if p.exists()]
+        if existing:
+            raise TfhybridInputError(f"{existing[0]} exists; pass overwrite=True to replace it")
+    cfg = mocks.config
+    for i, path in enumerate(paths):
+        primary = fits.PrimaryHDU(mocks.noiseless[i])
+        h = primary.header
+        h["FORMAT"] = (_FORMAT, "tfhybrid mock lens system")
+        for name in PARAM_NAMES:
+            h[FITS_KEYS[name]] = (float(mocks.params[name][i]), _FITS_COMMENTS[name])
+        h["NPIX"] = (cfg.n_pix, "lens-plane pixels per side")
+        h["PIXSCALE"] = (cfg.pixel_scale_arcsec, "[arcsec] pixel side")
+        h["PSFSIG"] = (cfg.psf_sigma_arcsec or 0.0, "[arcsec] Gaussian PSF sigma (0: none)")
+        h["DEFLECT"] = (cfg.deflection, "SPLE deflection: table or epl")
+        h["BUNIT"] = ("surface brightness", "units of iota * d (eq. 17)")
+        hdus = [primary, fits.ImageHDU(mocks.sources[i], name="SOURCE")]
+        for level, obs in mocks.observed.items():
+            hdu = fits.ImageHDU(obs[i], name=f"OBS_{level.upper()}"[:8])
+            hdu.header["NOISE"] = (mocks.noise_sigma[level], "pixel noise sigma")
+            hdu.header["SNR"] = (float(mocks.snr[level][i]), "S/N of eqs. 24-25")
+            hdu.header["LEVEL"] = (level, "noise level name")
+            hdus.append(hdu)
+        with atomic_path(path) as tmp:
+            fits.HDUList(hdus).writeto(tmp, overwrite=True)
+    return paths
+
+
+def read_mock_fits(path: str | os.PathLike) -> MockSystems:
+    """Read a :func:`write_mock_fits` file back into a one-system :class:`MockSystems`."""
+    from astropy.io import fits
+
+    path = Path(path)
+    if not path.is_file():
+        raise TfhybridInputError(f"mock file {path} does not exist (make one: tfhybrid lens mock)")
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            h = hdul[0].header
+            if h.get("FORMAT") != _FORMAT:
+                raise TfhybridInputError(
+                    f"{path} is not a tfhybrid mock (FORMAT={h.get('FORMAT')!r}, expected "
+                    f"{_FORMAT!r})"
+                )
+            params = {name: np.array([float(h[FITS_KEYS[name]])]) for name in PARAM_NAMES}
+            config = LensingConfig(
+                n_pix=int(h["NPIX"]), pixel_scale_arcsec=float(h["PIXSCALE"]),
+                psf_sigma_arcsec=float(h["PSFSIG"]) or None, deflection=str(h["DEFLECT"]),
+            )
+            noiseless = np.asarray(hdul[0].data, dtype=np.float32)[None]
+            source = np.asarray(hdul["SOURCE"].data, dtype=np.float32)[None]
+            observed, sigmas, snr = {}, {}, {}
+            for hdu in hdul[2:]:
+                level = str(hdu.header["LEVEL"])
+                observed[level] = np.asarray(hdu.data, dtype=np.float32)[None]
+                sigmas[level] = float(hdu.header["NOISE"])
+                snr[level] = np.array([float(hdu.header["SNR"])])
+    except TfhybridInputError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise TfhybridInputError(f"cannot read mock file {path}: {err}") from err
+    return MockSystems(params, source, noiseless, observed, sigmas, snr, config)

@@ -1,0 +1,283 @@
+"""The lensing posterior of Chianese et al. 2020 (file ``003_*``), eq. 26, as TFP objects.
+
+``p(Θ_lens, Θ_src | I_obs) ∝ N(I_obs | I_pred(Θ_lens, Θ_src), σ_noise) p(Θ_lens) p(Θ_src)``
+
+* lens parameters Θ_lens = (γ₁, γ₂, φ, q, γ, r_Ein, θ_lens,1, θ_lens,2) with the priors of
+  eqs. 18–23, source parameters (θ_src,1, θ_src,2, s, ι) with eqs. 14–16 (both from
+  :func:`tfhybrid.physics.lensing.mock_prior`, truncated where the paper's normals leave the
+  physical range), and the VAE latent ``z`` (64-d) with the fitted latent prior of section 2.1;
+* the source image is the VAE decoder mean ``d(z)`` (eq. 17), the prediction the lensing
+  simulator of :mod:`tfhybrid.physics.lensing` (SPLE table deflection by default, the exact EPL
+  with ``LensingConfig(deflection="epl")``), and the likelihood independent Gaussian pixels.
+
+:class:`LensPosterior` holds one observation or a batch of ``S`` independent lens systems and
+gives the three things the inference engines need: the joint distribution
+(:meth:`LensPosterior.joint_distribution`, a ``tfd.JointDistributionNamed`` whose ``log_prob``
+is eq. 26 up to a constant), the same density as a function of a list of state parts
+(:meth:`LensPosterior.target_log_prob`, batched: any leading shape ending in ``S``), and the
+bijectors mapping ℝ to each parameter's support (:meth:`LensPosterior.bijectors`).
+
+State layout (:data:`STATE_NAMES`): the 12 scalar parameters of :data:`PARAM_NAMES`, each of
+shape ``(..., S)``, then ``z`` of shape ``(..., S, latent_dim)``. Units: arcsec and radians.
+Precision: float32 (the prior and the likelihood are summed in float32; over 65 536 pixels
+their relative rounding error, ~1e-6, is far below the posterior's curvature scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfhybrid.physics.lensing import (
+    PARAM_NAMES,
+    LensingConfig,
+    LensingSimulator,
+    mock_prior,
+    noise_sigma,
+)
+from tfhybrid.validation import TfhybridInputError
+
+tfd, tfb = tfp.distributions, tfp.bijectors
+
+__all__ = [
+    "STATE_NAMES",
+    "LensPriorConfig",
+    "LensPosterior",
+    "parameter_prior",
+]
+
+#: Order of the state parts used by MAP and HMC: 12 scalars then the latent vector.
+STATE_NAMES = PARAM_NAMES + ("z",)
+
+
+@dataclass(frozen=True)
+class LensPriorConfig:
+    """Choices of the parameter priors that the paper leaves open.
+
+    Attributes
+    ----------
+    shear_std : float
+        Standard deviation of γ₁ and γ₂. The paper's eq. 18 reads N(0, 1); shears of order unity
+        are an order of magnitude beyond real galaxy-scale lenses (|γ_ext| ≲ 0.1) and turn the
+        mock images into unrecognisable streaks, so the default is 0.05 (set 1.0 for the text).
+    q_range, gamma_range : (float, float) or None
+        Truncation of the q and γ normals (default: the SPLE table's extent).
+    """
+
+    shear_std: float = 0.05
+    q_range: tuple[float, float] | None = None
+    gamma_range: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if not (np.isfinite(self.shear_std) and self.shear_std > 0):
+            raise TfhybridInputError(f"shear_std must be > 0; got {self.shear_std!r}")
+
+
+def parameter_prior(prior: LensPriorConfig | None = None, dtype=tf.float32):
+    """Priors of the 12 lens and source parameters (eqs. 14–16, 18–23) as a JointDistributionNamed.
+
+    :func:`tfhybrid.physics.lensing.mock_prior` with the shear width of ``prior`` (see
+    :class:`LensPriorConfig`); the mocks are drawn from, and the fits use, this same object.
+    """
+    prior = LensPriorConfig() if prior is None else prior
+    base = mock_prior(dtype, q_range=prior.q_range, gamma_range=prior.gamma_range)
+    parts = dict(base.model)
+    zero, std = tf.constant(0.0, dtype), tf.constant(prior.shear_std, dtype)
+    parts["gamma1"] = tfd.Normal(zero, std)
+    parts["gamma2"] = tfd.Normal(zero, std)
+    return tfd.JointDistributionNamed(parts)
+
+
+@dataclass
+class LensPosterior:
+    """Eq. 26 of 003_* for ``S`` observed lens systems, batched in one graph.
+
+    Parameters
+    ----------
+    observed : array ``(n_pix, n_pix)`` or ``(S, n_pix, n_pix)``
+        Observed images (surface brightness, the units of the simulator; axis order (y, x)).
+    noise : float, str or array ``(S,)``
+        Pixel noise σ (number, per-system array, or a preset name of
+        :data:`tfhybrid.physics.lensing.NOISE_SIGMA_PRESETS`).
+    vae : tfhybrid.priors.vae.GalaxyVAE
+        Source model: ``decode(z)`` and ``latent_prior``.
+    config : LensingConfig
+        Grid, PSF and deflection (must match the observation's size).
+    prior : LensPriorConfig
+    """
+
+    observed: object
+    noise: object
+    vae: object
+    config: LensingConfig = field(default_factory=LensingConfig)
+    prior: LensPriorConfig = field(default_factory=LensPriorConfig)
+
+    def __post_init__(self):
+        if not isinstance(self.config, LensingConfig):
+            raise TfhybridInputError(f"config must be a LensingConfig; got {self.config!r}")
+        obs = np.asarray(self.observed, dtype=np.float64)
+        if obs.ndim == 2:
+            obs = obs[None]
+        n = self.config.n_pix
+        if obs.ndim != 3 or obs.shape[1:] != (n, n):
+            raise TfhybridInputError(
+                f"observed must have shape ({n}, {n}) or (S, {n}, {n}) for this LensingConfig "
+                f"(n_pix={n}); got {np.shape(self.observed)}"
+            )
+        if not np.all(np.isfinite(obs)):
+            raise TfhybridInputError(
+                f"observed contains {int(np.sum(~np.isfinite(obs)))} NaN or inf pixels; mask or "
+                "inpaint them before fitting"
+            )
+        self.num_systems = obs.shape[0]
+        if isinstance(self.noise, str):
+            sigma = np.full(self.num_systems, noise_sigma(self.noise))
+        else:
+            sigma = np.broadcast_to(np.asarray(self.noise, dtype=np.float64), (self.num_systems,))
+            if not np.all(np.isfinite(sigma) & (sigma > 0)):
+                raise TfhybridInputError(f"noise sigma must be finite and > 0; got {self.noise!r}")
+        for attr in ("decode", "latent_prior", "latent_dim"):
+            if not hasattr(self.vae, attr):
+                raise TfhybridInputError(
+                    f"vae must be a tfhybrid GalaxyVAE (load_default_vae()); it has no {attr!r}"
+                )
+        dtype = self.config.tf_dtype
+        self.dtype = dtype
+        self.latent_dim = int(self.vae.latent_dim)
+        self._observed = tf.constant(obs, dtype)
+        self._sigma = tf.constant(np.array(sigma), dtype)
+        self._simulator = LensingSimulator(self.config)
+        self._param_prior = parameter_prior(self.prior, dtype)
+        self._latent_prior = self.vae.latent_prior
+
+    # -- the model ----------------------------------------------------------------------------
+    def parameter_prior(self):
+        """The JointDistributionNamed over the 12 scalar parameters (eqs. 14–16, 18–23)."""
+        return self._param_prior
+
+    @property
+    def latent_prior(self):
+        """p(z): the VAE's fitted ``tfd.MultivariateNormalTriL`` (section 2.1)."""
+        return self._latent_prior
+
+    @property
+    def noise_sigma(self) -> np.ndarray:
+        """Pixel noise σ per system, ``(S,)``."""
+        return self._sigma.numpy()
+
+    def source_images(self, z) -> tf.Tensor:
+        """Decoder means ``d(z)``: ``(..., latent_dim)`` → ``(..., 64, 64)``."""
+        return tf.cast(self.vae.decode(tf.cast(z, tf.float32)), self.dtype)
+
+    def predict(self, params: Mapping, z) -> tf.Tensor:
+        """Noise-free model image ``I_pred`` (eqs. 7–13, 17, PSF): ``(..., n_pix, n_pix)``.
+
+        ``params``: the 12 parameters, each of shape ``lead``; ``z``: ``lead + (latent_dim,)``.
+        """
+        z = tf.convert_to_tensor(z, self.dtype)
+        lead = tf.shape(z)[:-1]
+        flat = {k: tf.reshape(tf.cast(params[k], self.dtype), [-1]) for k in PARAM_NAMES}
+        source = self.source_images(tf.reshape(z, [-1, self.latent_dim]))
+        image = self._simulator(dict(source=source, **flat))
+        n = self.config.n_pix
+        return tf.reshape(image, tf.concat([lead, [n, n]], 0))
+
+    def log_likelihood(self, params: Mapping, z) -> tf.Tensor:
+        """log N(I_obs | I_pred, σ) summed over pixels, shape ``lead`` (ends in ``S``)."""
+        model = self.predict(params, z)
+        resid = (model - self._observed) / self._sigma[:, None, None]
+        n_pix = float(self.config.n_pix**2)
+        const = -0.5 * n_pix * np.log(2.0 * np.pi) - n_pix * tf.math.log(self._sigma)
+        return -0.5 * tf.reduce_sum(resid * resid, axis=[-2, -1]) + const
+
+    def log_prior(self, params: Mapping, z) -> tf.Tensor:
+        """log p(Θ_lens) + log p(θ_src, s, ι) + log p(z), shape ``lead``."""
+        lp = self._param_prior.log_prob({k: tf.cast(params[k], self.dtype) for k in PARAM_NAMES})
+        return lp + tf.cast(self._latent_prior.log_prob(tf.cast(z, tf.float32)), self.dtype)
+
+    def target_log_prob(self, *parts) -> tf.Tensor:
+        """Eq. 26 (unnormalised log posterior) of the state parts in :data:`STATE_NAMES` order."""
+        if len(parts) != len(STATE_NAMES):
+            raise TfhybridInputError(
+                f"expected {len(STATE_NAMES)} state parts {STATE_NAMES}; got {len(parts)}"
+            )
+        params = dict(zip(PARAM_NAMES, parts[:-1], strict=True))
+        z = parts[-1]
+        return self.log_likelihood(params, z) + self.log_prior(params, z)
+
+    def joint_distribution(self) -> tfd.JointDistributionNamed:
+        """The full generative model of the ``S`` systems: parameters, ``z`` and the images.
+
+        Every part has the systems as its (rightmost) event axis, so ``log_prob`` is the SUM over
+        systems of :meth:`target_log_prob` (at ``observed=`` the observed images) and
+        ``sample(seed=...)`` draws ``S`` complete mock systems (parameters, latent, noisy image).
+        """
+        s = self.num_systems
+        parts = {k: tfd.Sample(d, s) for k, d in self._param_prior.model.items()}
+        parts["z"] = tfd.Sample(self._latent_prior, s)
+
+        def observed(r_ein, gamma, q, phi, theta_lens1, theta_lens2, gamma1, gamma2,
+                     theta_src1, theta_src2, s, iota, z):
+            # JointDistributionNamed finds a part's parents from these argument names
+            values = dict(r_ein=r_ein, gamma=gamma, q=q, phi=phi, theta_lens1=theta_lens1,
+                          theta_lens2=theta_lens2, gamma1=gamma1, gamma2=gamma2,
+                          theta_src1=theta_src1, theta_src2=theta_src2, s=s, iota=iota)
+            mean = self.predict(values, z)
+            return tfd.Independent(tfd.Normal(mean, self._sigma[:, None, None]), 3)
+
+        parts["observed"] = observed
+        return tfd.JointDistributionNamed(parts)
+
+    def bijectors(self) -> list:
+        """Bijectors ℝ → support of each state part, in :data:`STATE_NAMES` order.
+
+        The priors' default event-space bijectors: sigmoids onto the truncation intervals of
+        r_Ein, γ, q, s and ι; ``None`` (identity) for the unbounded parameters and ``z``.
+        """
+        out = []
+        for name in PARAM_NAMES:
+            b = self._param_prior.model[name].experimental_default_event_space_bijector()
+            out.append(None if isinstance(b, tfb.Identity) else b)
+        return out + [None]
+
+    # -- state helpers ------------------------------------------------------------------------
+    def state_from_dict(self, values: Mapping, lead_shape=None) -> list[tf.Tensor]:
+        """State parts (constrained) from a dict of parameter values and ``z``."""
+        lead = (self.num_systems,) if lead_shape is None else tuple(lead_shape)
+        parts = []
+        for name in PARAM_NAMES:
+            v = tf.cast(tf.convert_to_tensor(values[name]), self.dtype)
+            parts.append(tf.broadcast_to(v, lead))
+        z = tf.cast(tf.convert_to_tensor(values["z"]), self.dtype)
+        parts.append(tf.broadcast_to(z, lead + (self.latent_dim,)))
+        return parts
+
+    def initial_states(self, num_starts: int = 1, seed: int = 0) -> list[tf.Tensor]:
+        """Starting points for MAP, shape ``(num_starts, S)`` per scalar part.
+
+        Start 0 sits at the prior medians (r_Ein = 1.5″, γ = 2, q at the truncated normal's
+        median, φ = 0, no shear, source at the origin with s = 5 and ι = 1, z at the latent
+        prior mean); the others are independent draws from the parameter priors with z at the
+        latent prior mean (z draws from the ×9 prior are mostly unrealistic sources).
+        """
+        if not isinstance(num_starts, int | np.integer) or num_starts < 1:
+            raise TfhybridInputError(f"num_starts must be a positive int; got {num_starts!r}")
+        s = self.num_systems
+        medians = {
+            name: tf.fill([1, s], tf.cast(self._param_prior.model[name].quantile(0.5), self.dtype))
+            for name in PARAM_NAMES
+        }
+        if num_starts > 1:
+            draws = self._param_prior.sample([num_starts - 1, s], seed=(int(seed), 17))
+            start = {
+                k: tf.concat([medians[k], tf.cast(draws[k], self.dtype)], 0) for k in PARAM_NAMES
+            }
+        else:
+            start = medians
+        z0 = tf.cast(self._latent_prior.mean(), self.dtype)
+        start["z"] = tf.broadcast_to(z0, [num_starts, s, self.latent_dim])
+        return [start[k] for k in PARAM_NAMES] + [start["z"]]
