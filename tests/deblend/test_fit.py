@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -122,7 +124,9 @@ def test_flux_is_conserved_within_the_noise():
 def test_deep_mode_uses_the_prior_gradient_with_the_right_sign():
     obs, morphs, flux, _ = _two_source_scene(2.0, seed=2)  # noisy: peak S/N ~ 15
     prior = _PerSourcePrior(morphs, scale=0.05)
-    base = DeblendConfig(method="deep", frame=FRAME, max_iter=150)
+    # init_iter=0: start both fits from the detection cutouts, so that the prior alone makes
+    # the difference (a baseline warm start would already remove most of the noise).
+    base = DeblendConfig(method="deep", frame=FRAME, max_iter=150, init_iter=0)
     free = deblend(obs, CENTRES, config=base, prior=prior, prior_weight=0.0)
     pulled = deblend(obs, CENTRES, config=base, prior=prior)
     err_free = [_rel(free.morphs[k], morphs[k]) for k in range(2)]
@@ -171,3 +175,71 @@ def test_builtin_detection_finds_both_sources():
     # sources are pulled towards each other by ≲ 1 pixel).
     for c in CENTRES:
         assert np.min(np.hypot(*(found - c).T)) < 1.5
+
+
+# --------------------------------------------------------------------------- real PixelCNN
+@pytest.fixture(scope="module")
+def shipped_prior_fits():
+    """Deep fits of a noisy two-source scene with the shipped PixelCNN++ (box = its stamp).
+
+    Three fits of the same data: prior weight 1
+    and prior weight 0 (positivity only), both from the detection cutouts (init_iter=0) so the
+    prior alone makes the difference, 40 iterations; plus the default deep fit (30 baseline
+    warm-start iterations, then 40 with the prior). Peak S/N ~ 15 per band: noise matters, so
+    the prior has something to do.
+    """
+    from tfhybrid.priors.pixelcnn import load_default_pixelcnn
+
+    prior = load_default_pixelcnn()
+    frame = ModelFrame(box_size=32)
+    morphs = np.stack([
+        gaussian_morphology(32, 2.2, q=0.6, theta_rad=0.4),
+        gaussian_morphology(32, 1.6, q=0.8, theta_rad=2.0),
+    ])
+    psfs = np.stack([gaussian_psf(f, 0.168, 21) for f in PSF_FWHM])
+    kernels = difference_kernel(frame.model_psf(), psfs).numpy()
+    corners = box_corners(CENTRES[:, ::-1], (32, 32))
+    clean = scene_model(SEDS, morphs, corners, SHAPE, kernels).numpy()
+    sigma = 1.0
+    noisy = clean + sigma * np.random.default_rng(7).standard_normal(clean.shape)
+    obs = Observation.create(noisy, psfs, noise_sigma=sigma, bands=("g", "i", "z"))
+    true_flux = SEDS * morphs.sum(axis=(-2, -1))[:, None]
+    base = DeblendConfig(method="deep", frame=frame, max_iter=40, init_iter=0, check_every=20)
+    with_prior = deblend(obs, CENTRES, config=base, prior=prior)
+    free = deblend(obs, CENTRES, config=base, prior=prior, prior_weight=0.0)
+    default = deblend(obs, CENTRES, config=dataclasses.replace(base, init_iter=30), prior=prior)
+    return with_prior, free, default, morphs, true_flux
+
+
+def test_shipped_prior_gradient_reaches_the_morphologies(shipped_prior_fits):
+    with_prior, free, _, morphs, _ = shipped_prior_fits
+    assert np.isfinite(with_prior.loss_trace).all() and np.isfinite(with_prior.log_prior).all()
+    # The trace holds the χ²/2 part of the loss: it must come down from the detection start
+    # (measured 3170 → 2400) to about its noise expectation (n_pixels / 2 = 2400) even with
+    # the prior pulling, i.e. the prior does not stop the fit from fitting the data.
+    assert with_prior.loss_trace[-1] < 0.9 * with_prior.loss_trace[0]
+    assert 0.8 < with_prior.chi2_per_pixel < 1.2
+    # −log p_θ is in the S step: the prior fit must end at a clearly more probable morphology
+    # under the prior than the positivity-only fit of the same data (measured: +8000 and
+    # +17000 nats; 200 is far above the float32 / iteration noise, and fails if the prior
+    # gradient is dropped, has the wrong sign, or misses the box ↔ stamp mapping).
+    gain = with_prior.log_prior - free.log_prior
+    assert np.all(gain > 200), gain
+    # ...and closer to the truth: positivity alone fits the noise.
+    for k in range(2):
+        assert _rel(with_prior.morphs[k], morphs[k]) < 0.8 * _rel(free.morphs[k], morphs[k])
+
+
+def test_shipped_prior_default_fit_recovers_a_two_source_blend(shipped_prior_fits):
+    _, _, default, morphs, flux = shipped_prior_fits
+    # Default deep mode (baseline warm start + prior). Morphology (L2) within 15 % (measured
+    # 0.13 and 0.08; seeded, deterministic up to float32 thread order). Flux: the extended
+    # source 0 within 6 % per band (measured <= 3 %); the compact source 1 (~13 peak units in
+    # total) only within 30 % (measured +9 to +22 %): the shipped prior was trained with 0.005
+    # noise, so it accepts a positive background of that order over the ~1000 box pixels,
+    # which the fit fills with noise (a known bias of deep mode, see the experiments' report).
+    for k in range(2):
+        assert _rel(default.morphs[k], morphs[k]) < 0.15, k
+    np.testing.assert_allclose(default.fluxes[0], flux[0], rtol=0.06)
+    np.testing.assert_allclose(default.fluxes[1], flux[1], rtol=0.30)
+    assert 0.8 < default.chi2_per_pixel < 1.2

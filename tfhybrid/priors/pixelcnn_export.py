@@ -16,12 +16,11 @@ checking beyond the static shape.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import tensorflow as tf
 
+from tfhybrid.io import atomic_directory
 from tfhybrid.priors.pixelcnn import GaussianPixelCNN
 from tfhybrid.validation import TfhybridInputError
 
@@ -68,10 +67,8 @@ def export_pixelcnn_savedmodel(model: GaussianPixelCNN, path: str | os.PathLike)
     if not isinstance(model, GaussianPixelCNN):
         raise TfhybridInputError(f"model must be a GaussianPixelCNN; got {type(model).__name__}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     module = _ExportModule(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         tf.saved_model.save(
             module,
             str(tmp),
@@ -81,12 +78,6 @@ def export_pixelcnn_savedmodel(model: GaussianPixelCNN, path: str | os.PathLike)
                 "sample": module.sample,
             },
         )
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 

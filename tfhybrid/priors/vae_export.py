@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfhybrid.io import atomic_directory
 from tfhybrid.priors.vae import (
     IMAGE_SIZE,
     GalaxyVAE,
@@ -135,19 +134,11 @@ def export_prior(model: GalaxyVAE, path: str | os.PathLike) -> Path:
     if not isinstance(model, GalaxyVAE):
         raise TfhybridInputError(f"model must be a GalaxyVAE; got {type(model).__name__}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     module = _ExportModule(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         tf.saved_model.save(
             module, str(tmp), signatures={name: getattr(module, name) for name in SIGNATURES}
         )
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 
