@@ -59,6 +59,8 @@ def register(subparsers) -> None:
     p.add_argument("--noise-factor", type=float, default=1.0,
                    help="--simulate: multiply the HSC-Wide noise by this (3 for Fig. 3)")
     p.add_argument("--max-iter", type=int, default=300, help="proximal-gradient iterations")
+    p.add_argument("--init-iter", type=int, default=50,
+                   help="deep mode: baseline iterations run first as a warm start")
     p.add_argument("--box", type=int, default=32, help="source box side (pixels)")
     p.add_argument("--detect-threshold", type=float, default=5.0, help="detection σ")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -233,6 +235,8 @@ def run_deblend(args) -> int:
     from tfhybrid.io import savefig_atomic, write_fits_atomic
     from tfhybrid.plotting.deblend import plot_scene
 
+    if args.init_iter < 0:
+        raise _error(f"--init-iter must be >= 0; got {args.init_iter}")
     if args.max_iter < 1 or args.box < 3:
         raise _error(f"--max-iter must be >= 1 and --box >= 3; got {args.max_iter}, {args.box}")
     if args.simulate and (args.image or args.psf or args.centres):
@@ -264,7 +268,7 @@ def run_deblend(args) -> int:
         scenes = _simulated_inputs(args, out)
 
     config = DeblendConfig(method=method, frame=ModelFrame(box_size=args.box),
-                           max_iter=args.max_iter)
+                           max_iter=args.max_iter, init_iter=args.init_iter)
     # Scenes of the same shape are fitted together in one batched graph.
     groups: dict = {}
     for i, (_, obs, _, _) in enumerate(scenes):
