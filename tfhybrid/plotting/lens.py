@@ -147,9 +147,12 @@ def posterior_corner_figure(
                 ax.set_ylabel(display_names.get(yi, yi))
             elif i == j:
                 ax.set_yticks([])
-    if labels is not None:
-        axes[0, 0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.1, 1.0))
     fig.tight_layout()
+    if labels is not None:
+        # in the empty upper-right triangle; an axes legend outside its axes would make
+        # tight_layout squeeze the first column
+        handles, texts = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, texts, loc="upper right", fontsize=8, frameon=False)
     return fig
 
 
