@@ -39,6 +39,7 @@ __all__ = [
     "source_plane_grid",
     "evaluate_source",
     "write_fit_outputs",
+    "samples_to_arviz",
     "write_sample_outputs",
     "load_map_json",
     "run_demo",
@@ -140,11 +141,35 @@ def write_fit_outputs(out_dir, posterior: LensPosterior, fit: LensMap,
     return summary
 
 
+def samples_to_arviz(samples: LensSamples):
+    """ArviZ ``InferenceData`` of the physical parameters and ``z`` (dims chain, draw, system).
+
+    The sampler runs in whitened coordinates (:func:`tfhybrid.lens.fit.sample_lens_posterior`);
+    this holds the draws mapped back to the paper's parameters, with the sampler's statistics.
+    """
+    import arviz as az
+
+    def cd(x):
+        return np.swapaxes(np.asarray(x), 0, 1)  # (draw, chain, ...) -> (chain, draw, ...)
+
+    posterior = {k: cd(v) for k, v in samples.params.items()}
+    posterior["z"] = cd(samples.z)
+    trace = samples.result.trace
+    stats = {}
+    for key, name in (("diverging", "diverging"), ("accept_ratio", "acceptance_rate"),
+                      ("target_log_prob", "lp")):
+        if key in trace and np.ndim(trace[key]) >= 2:
+            stats[name] = cd(trace[key])
+    dims = {k: ["system"] for k in samples.params} | {"z": ["system", "latent"]}
+    dims |= {k: ["system"] for k in stats if np.ndim(stats[k]) == 3}
+    return az.from_dict(posterior=posterior, sample_stats=stats, dims=dims)
+
+
 def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = None,
                          truth: Mapping | None = None, labels: Sequence[str] | None = None
                          ) -> dict:
     """Write the posterior outputs (see the module docstring); return the summary dict."""
-    from tfhybrid.inference.diagnostics import save_netcdf, to_arviz
+    from tfhybrid.inference.diagnostics import save_netcdf
     from tfhybrid.plotting.lens import posterior_corner_figure
 
     out = Path(out_dir)
@@ -153,7 +178,7 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
         with open(tmp, "wb") as fh:
             np.savez(fh, z=samples.z, **samples.params)
     res = samples.result
-    save_netcdf(to_arviz(res, names=list(PARAM_NAMES) + ["z"]), out / "posterior.nc")
+    save_netcdf(samples_to_arviz(samples), out / "posterior.nc")
     s = next(iter(samples.params.values())).shape[-1]
     names = ("r_ein", "gamma", "phi")
     chains = [{k: samples.params[k][..., i].ravel() for k in names} for i in range(s)]
