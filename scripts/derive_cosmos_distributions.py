@@ -73,7 +73,10 @@ def main(directory: Path) -> None:
     dphi = np.angle(np.exp(2j * (bf[:, 15] - bf[:, 7]))) / 2
     np.set_printoptions(precision=4, suppress=True)
     print(f"galaxies with viable Sersic fits: {ok.sum()}")
-    print(f"magnitude range: {mag.min():.2f} .. {mag.max():.2f}; zero point (mag+2.5log10 flux): {zp:.3f}")
+    print(
+        f"magnitude range: {mag.min():.2f} .. {mag.max():.2f}; "
+        f"zero point (mag+2.5log10 flux): {zp:.3f}"
+    )
     print(f"number-count slope alpha (dN/dm ∝ 10^(alpha m)) on [{mag.min():.2f}, {mag.max():.2f}]: "
           f"{truncated_exponential_slope(mag, mag.min(), mag.max()):.3f}")
     print(f"bulge+disk fits used: {good_bd.sum()}")
@@ -83,7 +86,8 @@ def main(directory: Path) -> None:
     print(f"B/T: Beta{beta_moments(np.clip(btt, 1e-3, 1 - 1e-3))}; median {np.median(btt):.3f}")
     print(f"ln(bulge hlr / disk hlr): mean {size_ratio.mean():.3f}, sd {size_ratio.std():.3f}")
     print(f"bulge - disk position angle: sd {np.std(dphi):.3f} rad")
-    print(f"Sersic n percentiles 10/50/90: {np.percentile(fitcat['sersicfit'][:, 2], [10, 50, 90])}")
+    n_pct = np.percentile(fitcat["sersicfit"][:, 2], [10, 50, 90])
+    print(f"Sersic n percentiles 10/50/90: {n_pct}")
 
 
 if __name__ == "__main__":

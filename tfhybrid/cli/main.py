@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         kind = type(err).__name__
-        print(f"tfhybrid {args.command}: error: {err} ({kind}; rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"tfhybrid {args.command}: error: {err} ({kind}; rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 2
     return int(code or 0)
 

@@ -48,10 +48,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
 
     import numpy as np
 
+    from tfhybrid.cli.train import read_training_data
     from tfhybrid.priors.pixelcnn import (
         PixelCNNConfig,
         make_pixelcnn_training_set,
@@ -59,23 +59,14 @@ def run(args) -> int:
         save_pixelcnn,
         train_pixelcnn,
     )
-    from tfhybrid.validation import TfhybridInputError
 
     config = PixelCNNConfig.paper() if args.config == "paper" else PixelCNNConfig.small()
     val = None
     if args.data:
-        path = Path(args.data)
-        if not path.exists():
-            raise TfhybridInputError(f"--data {path} does not exist")
-        if path.suffix == ".npy":
-            train = np.load(path, allow_pickle=False)
-        else:
-            with np.load(path, allow_pickle=False) as loaded:
-                if "train" not in loaded.files:
-                    raise TfhybridInputError(f"--data {path} has no array 'train'")
-                train = loaded["train"]
+        train, val = read_training_data(args.data)
         if train.ndim == 3 and train.size and np.max(np.abs(train)) > 1.5:
             train = normalize_morphology(train)
+            val = None if val is None else normalize_morphology(val)
     else:
         train = make_pixelcnn_training_set(args.n_train, args.seed, config)
         val = make_pixelcnn_training_set(args.n_val, args.seed + 1, config)

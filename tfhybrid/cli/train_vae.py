@@ -13,6 +13,8 @@ also writes a SavedModel (load with ``tfhybrid.priors.vae_export.load_prior`` or
 
 from __future__ import annotations
 
+from tfhybrid.cli.train import read_training_data
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -82,41 +84,6 @@ def _read_config(value: str):
     except (ValueError, UnicodeDecodeError) as err:
         raise TfhybridInputError(f"--config {path} is not valid JSON: {err}") from err
     return VAEConfig.from_dict(data)
-
-
-def read_training_data(path) -> tuple:
-    """(train, validation or None) images from a FITS image-set file, .npz or .npy."""
-    from pathlib import Path
-
-    import numpy as np
-
-    from tfhybrid.validation import TfhybridInputError
-
-    path = Path(path)
-    if not path.is_file():
-        raise TfhybridInputError(f"--data {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix in (".fits", ".fit", ".fz") or path.name.lower().endswith(".fits.gz"):
-        from tfhybrid.data.fits_io import read_image_sets_fits
-
-        sets = read_image_sets_fits(path)
-    elif suffix == ".npy":
-        try:
-            sets = {"train": np.load(path, allow_pickle=False)}
-        except ValueError as err:
-            raise TfhybridInputError(f"--data {path} is not a plain .npy array: {err}") from err
-    elif suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as loaded:
-                sets = {k: loaded[k] for k in loaded.files if k in ("train", "validation")}
-        except Exception as err:  # noqa: BLE001 - BadZipFile, pickled objects, truncation
-            raise TfhybridInputError(f"--data {path} is not a readable .npz: {err}") from err
-    else:
-        raise TfhybridInputError(f"--data must be a .fits, .npz or .npy file; got {path.name!r}")
-    if "train" not in sets:
-        raise TfhybridInputError(f"--data {path} has no 'train' image set; it has {sorted(sets)}")
-    val = sets.get("validation")
-    return sets["train"], (val if val is not None and len(val) else None)
 
 
 def run(args) -> int:

@@ -16,13 +16,14 @@ tqdm progress bar advances and convergence is checked.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfhybrid.inference.state import as_state_parts
 from tfhybrid.validation import TfhybridInputError
 
 tfb = tfp.bijectors
@@ -66,24 +67,6 @@ class MapResult:
         if self.best_index is None:
             return list(self.state)
         return [tf.convert_to_tensor(s)[self.best_index] for s in self.state]
-
-
-def _as_parts(initial_state) -> tuple[list[tf.Tensor], bool]:
-    single = isinstance(initial_state, (tf.Tensor, tf.Variable, np.ndarray, float, int))
-    parts = [initial_state] if single else initial_state
-    if not isinstance(parts, Sequence) or len(parts) == 0:
-        raise TfhybridInputError(
-            f"initial_state must be a tensor or a non-empty list of tensors; got {parts!r}"
-        )
-    out = []
-    for i, p in enumerate(parts):
-        t = tf.convert_to_tensor(p)
-        if not t.dtype.is_floating:
-            t = tf.cast(t, tf.float32)
-        if not bool(tf.reduce_all(tf.math.is_finite(t))):
-            raise TfhybridInputError(f"initial_state[{i}] contains NaN or inf")
-        out.append(t)
-    return out, single
 
 
 def _as_bijectors(bijectors, n: int) -> list:
@@ -165,7 +148,9 @@ def find_map(
         raise TfhybridInputError(f"method must be 'adam' or 'lbfgs'; got {method!r}")
     if int(num_steps) < 1:
         raise TfhybridInputError(f"num_steps must be >= 1; got {num_steps}")
-    parts, single = _as_parts(initial_state)
+    parts, single = as_state_parts(
+        initial_state, cast_integers=True, allow_python_scalars=True
+    )
     bijs = _as_bijectors(bijectors, len(parts))
     unconstrained = to_unconstrained(parts, bijs)
     if num_starts is not None:

@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfhybrid.inference.state import as_state_parts
 from tfhybrid.io import atomic_path, write_json_atomic
 from tfhybrid.validation import TfhybridInputError
 
@@ -96,24 +97,6 @@ class PosteriorResult:
         return summarize(self.samples, names=names or self.names or None)
 
 
-def _as_state(initial_state) -> tuple[list[tf.Tensor], bool]:
-    single = isinstance(initial_state, (tf.Tensor, tf.Variable, np.ndarray))
-    parts = [initial_state] if single else initial_state
-    if not isinstance(parts, Sequence) or len(parts) == 0:
-        raise TfhybridInputError(
-            f"initial_state must be a tensor or a non-empty list of tensors; got {parts!r}"
-        )
-    out = []
-    for i, p in enumerate(parts):
-        t = tf.convert_to_tensor(p)
-        if not t.dtype.is_floating:
-            raise TfhybridInputError(f"initial_state[{i}] must be floating; got {t.dtype.name}")
-        if not bool(tf.reduce_all(tf.math.is_finite(t))):
-            raise TfhybridInputError(f"initial_state[{i}] contains NaN or inf")
-        out.append(t)
-    return out, single
-
-
 def sample_posterior(
     target_log_prob_fn: Callable[..., tf.Tensor],
     initial_state,
@@ -133,6 +116,7 @@ def sample_posterior(
     init_jitter: float = 0.1,
     jit_compile: bool = True,
     names: Sequence[str] | None = None,
+    adapt: bool = True,
 ) -> PosteriorResult:
     """Draw ``num_results`` posterior samples per chain with HMC or NUTS (003_* §5.3).
 
@@ -158,6 +142,10 @@ def sample_posterior(
     target_accept_prob : dual-averaging target (default 0.75 HMC, 0.8 NUTS).
     jit_compile : XLA-compile the chunks (faster for small models on CPU; measure).
     names : optional names per part, carried into summaries and ArviZ.
+    adapt : adapt step size and diagonal mass matrix during the ``num_burnin`` steps (default).
+        With False the warm-up steps run the fixed kernel (``step_size``, unit mass matrix)
+        and are discarded: for targets already whitened, where a short adaptation from few,
+        correlated draws does more harm than good.
 
     Returns
     -------
@@ -169,11 +157,12 @@ def sample_posterior(
         raise TfhybridInputError(f"kernel must be 'hmc' or 'nuts'; got {kernel!r}")
     if int(num_results) < 1:
         raise TfhybridInputError(f"num_results must be >= 1; got {num_results}")
-    if num_burnin != 0 and int(num_burnin) < 20:
+    n_adapt = int(num_burnin) if adapt else 0
+    if n_adapt != 0 and n_adapt < 20:
         raise TfhybridInputError(
             f"num_burnin must be 0 (no adaptation) or >= 20 (windowed adaptation); got {num_burnin}"
         )
-    parts, _ = _as_state(initial_state)
+    parts, _ = as_state_parts(initial_state)
     if bijectors is None:
         bijs = [_IDENTITY] * len(parts)
     else:
@@ -249,8 +238,8 @@ def sample_posterior(
     key = (
         fn_key, tuple(id(b) for b in bijs), kernel,
         tuple(tuple(u.shape.as_list()) for u in unconstrained), dtype.name, float(init_step),
-        int(num_burnin), int(num_leapfrog_steps), int(max_tree_depth), float(accept), chunk,
-        bool(jit_compile),
+        n_adapt, int(num_burnin), int(num_leapfrog_steps), int(max_tree_depth), float(accept),
+        chunk, bool(jit_compile),
     )
     cached = _ENGINE_CACHE.get(key)
     if cached is not None and cached[0] == target_log_prob_fn and all(
@@ -260,7 +249,7 @@ def sample_posterior(
     else:
         mcmc_kernel = _make_kernel(
             kernel, target_unconstrained, unconstrained, batch_shape, dtype, init_step,
-            int(num_burnin), int(num_leapfrog_steps), int(max_tree_depth), float(accept),
+            n_adapt, int(num_leapfrog_steps), int(max_tree_depth), float(accept),
         )
         template = mcmc_kernel.bootstrap_results(unconstrained)
         compiled = _compile_chunk(mcmc_kernel, template, chunk, kernel, init_step, jit_compile)
@@ -279,7 +268,7 @@ def sample_posterior(
         ckpt = Path(checkpoint_dir)
         config = dict(
             format=_CHECKPOINT_FORMAT, kernel=kernel, num_results=int(num_results),
-            num_burnin=int(num_burnin), seed=int(seed), chunk_size=chunk,
+            num_burnin=int(num_burnin), adapt=bool(adapt), seed=int(seed), chunk_size=chunk,
             shapes=[list(u.shape) for u in unconstrained], dtype=dtype.name,
             step_size=float(init_step), num_leapfrog_steps=int(num_leapfrog_steps),
             max_tree_depth=int(max_tree_depth), target_accept_prob=float(accept),

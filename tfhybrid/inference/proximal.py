@@ -27,13 +27,14 @@ enough for the non-convex PixelCNN-prior problem. The loop is a ``tf.while_loop`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
 from tfhybrid.inference.proxes import call_prox
+from tfhybrid.inference.state import as_state_parts
 from tfhybrid.validation import TfhybridInputError
 
 __all__ = [
@@ -66,25 +67,6 @@ class ProximalResult:
     step_sizes: list
     relative_change: np.ndarray
     message: str
-
-
-def _as_block_list(initial_blocks) -> list[tf.Tensor]:
-    if isinstance(initial_blocks, (tf.Tensor, tf.Variable, np.ndarray)):
-        initial_blocks = [initial_blocks]
-    if not isinstance(initial_blocks, Sequence) or len(initial_blocks) == 0:
-        raise TfhybridInputError(
-            "initial_blocks must be a non-empty list of tensors; got "
-            f"{type(initial_blocks).__name__}"
-        )
-    blocks = []
-    for i, b in enumerate(initial_blocks):
-        t = tf.convert_to_tensor(b)
-        if not t.dtype.is_floating:
-            raise TfhybridInputError(f"block {i} must be floating point; got dtype {t.dtype.name}")
-        if tf.executing_eagerly() and not bool(tf.reduce_all(tf.math.is_finite(t))):
-            raise TfhybridInputError(f"block {i} of initial_blocks contains NaN or inf")
-        blocks.append(t)
-    return blocks
 
 
 def _per_block(name: str, value, n: int, allow_callable: bool) -> list:
@@ -152,7 +134,7 @@ def proximal_gradient(
     """
     if not callable(smooth_loss_fn):
         raise TfhybridInputError(f"smooth_loss_fn must be callable; got {smooth_loss_fn!r}")
-    blocks0 = _as_block_list(initial_blocks)
+    blocks0, _ = as_state_parts(initial_blocks, "initial_blocks")
     n = len(blocks0)
     proxes = _per_block("prox_fns", prox_fns, n, allow_callable=True)
     steps = _per_block("step_sizes", step_sizes, n, allow_callable=True)

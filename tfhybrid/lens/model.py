@@ -165,6 +165,11 @@ class LensPosterior:
         return self._latent_prior
 
     @property
+    def observed_images(self) -> np.ndarray:
+        """The validated observed images, ``(S, n_pix, n_pix)`` (``observed`` as given)."""
+        return self._observed.numpy()
+
+    @property
     def noise_sigma(self) -> np.ndarray:
         """Pixel noise σ per system, ``(S,)``."""
         return self._sigma.numpy()

@@ -113,7 +113,7 @@ def write_fit_outputs(out_dir, posterior: LensPosterior, fit: LensMap,
     hdus[0].header["COMMENT"] = "MAP model images (S, n, n) and MAP decoded sources d(z)"
     with atomic_path(out / "map_model.fits") as tmp:
         hdus.writeto(tmp, overwrite=True)
-    obs = posterior._observed.numpy() if observed is None else np.asarray(observed)
+    obs = posterior.observed_images if observed is None else np.asarray(observed)
     grid = source_plane_grid()
     fit_plane = evaluate_source(fit_src, fit.params, grid)
     true_plane = evaluate_source(mocks.sources, mocks.params, grid) if mocks is not None else None

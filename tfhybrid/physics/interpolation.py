@@ -120,7 +120,9 @@ def _float_tensor(name: str, value, dtype=None) -> tf.Tensor:
     try:
         tensor = tf.convert_to_tensor(value)
     except (TypeError, ValueError) as err:
-        raise TfhybridInputError(f"{name} must be a numeric array or tensor; got {value!r}") from err
+        raise TfhybridInputError(
+            f"{name} must be a numeric array or tensor; got {value!r}"
+        ) from err
     if tensor.dtype.is_complex or tensor.dtype in (tf.string, tf.bool):
         raise TfhybridInputError(f"{name} must be real numbers; got dtype {tensor.dtype.name}")
     if dtype is not None:

@@ -216,6 +216,15 @@ def _check_size(size) -> int:
     return size
 
 
+def _fwhm_and_scale_arcsec(fwhm_arcsec, pixel_scale_arcsec) -> tuple[float, float]:
+    """Both arguments as positive floats in arcsec (numbers or astropy Quantities)."""
+    fwhm = as_arcsec("fwhm_arcsec", fwhm_arcsec, low=0.0)
+    scale = as_arcsec("pixel_scale_arcsec", pixel_scale_arcsec, low=0.0)
+    check_range("fwhm_arcsec", fwhm, low=0.0, low_inclusive=False, unit="arcsec")
+    check_range("pixel_scale_arcsec", scale, low=0.0, low_inclusive=False, unit="arcsec")
+    return fwhm, scale
+
+
 def gaussian_psf(fwhm_arcsec, pixel_scale_arcsec, size: int, normalize: bool = True) -> np.ndarray:
     """Image of a circular Gaussian PSF, pixel-integrated, as GalSim draws it.
 
@@ -238,10 +247,7 @@ def gaussian_psf(fwhm_arcsec, pixel_scale_arcsec, size: int, normalize: bool = T
     -------
     np.ndarray ``(size, size)`` float32, centred on pixel ``(size // 2, size // 2)``.
     """
-    fwhm = as_arcsec("fwhm_arcsec", fwhm_arcsec, low=0.0)
-    scale = as_arcsec("pixel_scale_arcsec", pixel_scale_arcsec, low=0.0)
-    check_range("fwhm_arcsec", fwhm, low=0.0, low_inclusive=False, unit="arcsec")
-    check_range("pixel_scale_arcsec", scale, low=0.0, low_inclusive=False, unit="arcsec")
+    fwhm, scale = _fwhm_and_scale_arcsec(fwhm_arcsec, pixel_scale_arcsec)
     size = _check_size(size)
     image = gaussian_psf_image(tf.constant(fwhm / scale, tf.float64), size, normalize)
     return image.numpy().astype(np.float32)
@@ -274,10 +280,7 @@ def moffat_psf(
     -------
     np.ndarray ``(size, size)`` float32.
     """
-    fwhm = as_arcsec("fwhm_arcsec", fwhm_arcsec, low=0.0)
-    scale = as_arcsec("pixel_scale_arcsec", pixel_scale_arcsec, low=0.0)
-    check_range("fwhm_arcsec", fwhm, low=0.0, low_inclusive=False, unit="arcsec")
-    check_range("pixel_scale_arcsec", scale, low=0.0, low_inclusive=False, unit="arcsec")
+    fwhm, scale = _fwhm_and_scale_arcsec(fwhm_arcsec, pixel_scale_arcsec)
     check_range("beta", beta, low=1.0, low_inclusive=False)
     size = _check_size(size)
     fwhm_pix = fwhm / scale
