@@ -4,9 +4,13 @@
 paper's high-S/N noise sigma 0.0333, redrawn until S/N >= ``--min-snr``) are fitted with the
 shipped VAE source model:
 
-1. one batched multi-start Adam MAP over all systems (:func:`tfhybrid.lens.fit.fit_map`);
-2. HMC from the MAP, all systems in one batched chain (``--num-burnin`` adaptation steps, then
-   ``--num-results`` draws; the paper uses 50 + 500);
+1. one batched MAP over all systems (:func:`tfhybrid.lens.fit.fit_map`): a global search with
+   ``--coarse-starts`` starts per system on a 4x coarser grid, the ``--num-starts`` best refined
+   by Adam at full resolution, then ``--newton-iter`` damped Newton iterations with the full
+   Hessian;
+2. HMC from the MAP, all systems in one batched chain, in coordinates whitened by the Hessian
+   at the MAP (``--num-burnin`` warm-up draws discarded, then ``--num-results`` draws; the
+   paper uses 50 + 500).
 
 and written to ``--out``:
 
@@ -22,15 +26,12 @@ and written to ``--out``:
 The MAP outputs are written before HMC starts, and the HMC run is chunked on disk
 (``posterior/hmc_chunks``), so an interrupted run keeps its MAP numbers and resumes its chain.
 
-HMC notes (measured): ``--num-burnin`` below ~50 breaks the windowed step-size / mass-matrix
-adaptation (step size collapses to ~1e-17, acceptance 0); the batched run shares one step size
-over all systems, so ``--hmc-per-system`` is the reliable choice.
-
-Usage (MAP ~8 min for 10 systems on 2 busy CPU cores; HMC ~1-2 min per system)::
+Usage (measured on 2 shared CPU cores: MAP ~15 min for 10 systems, HMC ~1.3 s per draw and
+system)::
 
     nice -n 10 python scripts/lens_mock_study.py --out /tmp/lens_study --n 10 --no-hmc
     nice -n 10 python scripts/lens_mock_study.py --out /tmp/lens_study --n 10 --reuse-map \
-        --hmc-per-system --num-burnin 50 --num-results 100
+        --num-burnin 50 --num-results 150
 """
 
 from __future__ import annotations
@@ -70,17 +71,18 @@ def main(argv=None) -> dict:
     p.add_argument("--min-snr", type=float, default=300.0,
                    help="redraw a mock's parameters while its high-noise S/N is below this")
     p.add_argument("--num-starts", type=int, default=2)
-    p.add_argument("--map-steps", type=int, default=800)
+    p.add_argument("--map-steps", type=int, default=1500)
+    p.add_argument("--coarse-starts", type=int, default=16,
+                   help="global search: starts per system on the 4x coarser grid (0: none)")
+    p.add_argument("--coarse-steps", type=int, default=500)
+    p.add_argument("--newton-iter", type=int, default=3,
+                   help="Newton iterations with the full Hessian after Adam (0: none)")
+    p.add_argument("--vae", default=None, help="saved VAE directory (default: the shipped one)")
     p.add_argument("--num-burnin", type=int, default=50)
-    p.add_argument("--num-results", type=int, default=100)
+    p.add_argument("--num-results", type=int, default=150)
     p.add_argument("--num-leapfrog", type=int, default=10)
     p.add_argument("--tol-pct", type=float, default=1.0, help="'within X %%' threshold")
     p.add_argument("--no-hmc", action="store_true", help="stop after the MAP outputs")
-    p.add_argument("--hmc-per-system", action="store_true",
-                   help="one HMC run per system (own step size and mass matrix) instead of one "
-                        "batched run: the batched run shares ONE step size over all systems")
-    p.add_argument("--hmc-systems", type=int, default=None,
-                   help="with --hmc-per-system: sample only the first k systems (time)")
     p.add_argument("--reuse-map", action="store_true",
                    help="reuse --out's map/map.json and MAP numbers (same --n/--seed) and go "
                         "straight to HMC")
@@ -90,12 +92,12 @@ def main(argv=None) -> dict:
     import numpy as np
 
     from tfhybrid.io import atomic_path, write_json_atomic
-    from tfhybrid.lens.fit import coverage, fit_map, sample_lens_posterior
+    from tfhybrid.lens.fit import LensMap, coverage, fit_map, sample_lens_posterior
     from tfhybrid.lens.mocks import make_mocks, write_mock_fits
     from tfhybrid.lens.model import LensPosterior
     from tfhybrid.lens.pipeline import write_fit_outputs, write_sample_outputs
     from tfhybrid.physics.lensing import PARAM_NAMES
-    from tfhybrid.priors.vae import load_default_vae
+    from tfhybrid.priors.vae import load_default_vae, load_vae
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,7 @@ def main(argv=None) -> dict:
     summary = dict(command=vars(args) | {"out": str(args.out)})
 
     t0 = time.perf_counter()
-    vae = load_default_vae()
+    vae = load_vae(args.vae) if args.vae else load_default_vae()
     mocks = make_mocks(args.n, seed=args.seed, noise_levels=("high",), min_snr_high=args.min_snr)
     write_mock_fits(mocks, out / "mocks", overwrite=True)
     summary["mock_time_s"] = time.perf_counter() - t0
@@ -124,12 +126,22 @@ def main(argv=None) -> dict:
         fit = SimpleNamespace(params=saved["params"], z=saved["z"],
                               log_prob=np.asarray(saved["log_prob"]))
         summary["map"] = json.loads((out / "study_summary.json").read_text())["map"]
+        hess_path = out / "map" / "hessian.npy"
+        hessian = np.load(hess_path) if hess_path.is_file() else None
     else:
         fit = fit_map(posterior, num_starts=args.num_starts, num_steps=args.map_steps,
-                      seed=args.seed, progress=args.progress)
+                      seed=args.seed, progress=args.progress, coarse_starts=args.coarse_starts,
+                      coarse_steps=args.coarse_steps, newton_iter=args.newton_iter)
         map_summary = write_fit_outputs(out / "map", posterior, fit, mocks, labels=labels)
+        hessian = fit.hessian
+        if hessian is not None:
+            with atomic_path(out / "map" / "hessian.npy") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, hessian)
         summary["map"] = dict(
             wall_time_s=fit.wall_time_s, num_starts=args.num_starts, num_steps=args.map_steps,
+            coarse_starts=args.coarse_starts, coarse_steps=args.coarse_steps,
+            newton_iter=args.newton_iter,
             message=fit.message, best_start=np.asarray(fit.best_start).tolist(),
             chi2_per_pixel=map_summary["chi2_per_pixel"],
             metrics=_map_metrics(mocks.params, fit.params, args.tol_pct),
@@ -141,18 +153,16 @@ def main(argv=None) -> dict:
         print(f"MAP: {fit.wall_time_s:.0f} s; {fit.message}", flush=True)
 
     if not args.no_hmc:
-        if args.hmc_per_system:
-            samples, post, truth = _hmc_per_system(args, posterior, fit, mocks, labels, out)
-        else:
-            truth = mocks.params
-            samples = sample_lens_posterior(
-                posterior, [np.asarray(fit.params[k]) for k in PARAM_NAMES] + [fit.z],
-                num_results=args.num_results, num_burnin=args.num_burnin,
-                seed=args.seed, progress=args.progress, num_leapfrog_steps=args.num_leapfrog,
-                checkpoint_dir=out / "posterior" / "hmc_chunks",
-            )
-            post = write_sample_outputs(out / "posterior", samples, fit, mocks.params,
-                                        labels=labels)
+        truth = mocks.params
+        samples = sample_lens_posterior(
+            posterior, [np.asarray(fit.params[k]) for k in PARAM_NAMES] + [fit.z],
+            hessian=hessian, num_results=args.num_results, num_burnin=args.num_burnin,
+            seed=args.seed, progress=args.progress, num_leapfrog_steps=args.num_leapfrog,
+            checkpoint_dir=out / "posterior" / "hmc_chunks",
+        )
+        post = write_sample_outputs(out / "posterior", samples,
+                                    fit if isinstance(fit, LensMap) else None, mocks.params,
+                                    labels=labels)
         mean, std = samples.mean(), samples.std()
         per_param = {}
         for name in ("r_ein", "gamma", "phi", "q"):
@@ -169,7 +179,6 @@ def main(argv=None) -> dict:
             acceptance_rate=post["acceptance_rate"], num_divergences=post["num_divergences"],
             min_ess=post["min_ess"], step_size=post["step_size"],
             num_systems_sampled=len(np.asarray(truth["r_ein"])),
-            per_system=bool(args.hmc_per_system),
             coverage_68=coverage(truth, samples, 0.68),
             per_param=per_param,
         )
@@ -182,54 +191,14 @@ def main(argv=None) -> dict:
     return summary
 
 
-def _hmc_per_system(args, posterior, fit, mocks, labels, out):
-    """HMC of each system on its own (own adapted step size); outputs in posterior/system_i."""
-    import numpy as np
-
-    from tfhybrid.lens.fit import LensSamples, sample_lens_posterior
-    from tfhybrid.lens.model import LensPosterior
-    from tfhybrid.lens.pipeline import write_sample_outputs
-    from tfhybrid.physics.lensing import PARAM_NAMES
-
-    k = args.n if args.hmc_systems is None else min(args.n, args.hmc_systems)
-    parts, zs, results, posts, wall = [], [], [], [], 0.0
-    for i in range(k):
-        post_i = LensPosterior(mocks.observed["high"][i:i + 1], mocks.noise_sigma["high"],
-                               posterior.vae)
-        start = [np.asarray(fit.params[n][i:i + 1]) for n in PARAM_NAMES] + [fit.z[i:i + 1]]
-        smp = sample_lens_posterior(
-            post_i, start, num_results=args.num_results, num_burnin=args.num_burnin,
-            seed=args.seed, progress=args.progress, num_leapfrog_steps=args.num_leapfrog,
-            checkpoint_dir=out / "posterior" / f"system_{i}" / "hmc_chunks",
-        )
-        truth_i = {n: np.asarray(mocks.params[n][i:i + 1]) for n in PARAM_NAMES}
-        posts.append(write_sample_outputs(out / "posterior" / f"system_{i}", smp, None, truth_i,
-                                          labels=[labels[i]]))
-        parts.append(smp.params)
-        zs.append(smp.z)
-        results.append(smp.result)
-        wall += posts[-1]["wall_time_s"]
-        print(f"HMC system {i}: acceptance {posts[-1]['acceptance_rate']}, step "
-              f"{posts[-1]['step_size']:.3g}", flush=True)
-    params = {n: np.concatenate([p[n] for p in parts], -1) for n in PARAM_NAMES}
-    samples = LensSamples(params, np.concatenate(zs, -2), results[0])
-    post = dict(
-        wall_time_s=wall,
-        acceptance_rate=[p["acceptance_rate"] for p in posts],
-        num_divergences=[p["num_divergences"] for p in posts],
-        min_ess=[p["min_ess"] for p in posts],
-        step_size=[p["step_size"] for p in posts],
-    )
-    truth = {n: np.asarray(mocks.params[n][:k]) for n in PARAM_NAMES}
-    return samples, post, truth
-
-
 def _format(summary, tol_pct) -> str:
     import numpy as np
 
     m = summary["map"]
     lines = [
-        f"MAP ({m['num_starts']} starts x {m['num_steps']} Adam steps, batched): "
+        f"MAP ({m.get('coarse_starts', 0)} coarse starts x {m.get('coarse_steps', 0)} steps, "
+        f"{m['num_starts']} starts x {m['num_steps']} Adam steps, "
+        f"{m.get('newton_iter', 0)} Newton iterations, batched): "
         f"{m['wall_time_s']:.0f} s; {m['message']}",
         f"systems with MAP r_ein AND gamma within {tol_pct:g} %: "
         f"{m['frac_r_ein_and_gamma_within_tol']:.2f}",
@@ -245,7 +214,7 @@ def _format(summary, tol_pct) -> str:
         h = summary["hmc"]
         lines += [
             f"HMC ({h['num_burnin']} burn-in + {h['num_results']} draws, {h['num_leapfrog']} "
-            f"leapfrog, 1 chain, {'per system' if h['per_system'] else 'batched'}, "
+            f"leapfrog, 1 chain, batched, "
             f"{h['num_systems_sampled']} systems): {h['wall_time_s']:.0f} s; acceptance "
             f"{h['acceptance_rate']}, divergences {h['num_divergences']}, min ESS "
             f"{h['min_ess']}",

@@ -25,6 +25,7 @@ def test_mock_fit_sample_report(tmp_path, capsys):
     assert "wrote 1 mock system" in out and "high" in out
     mock = mock_dir / "mock_000.fits"
     assert main(["lens", "fit", "--mock", str(mock), "--steps", "30", "--starts", "1",
+                 "--coarse-starts", "3", "--coarse-steps", "20", "--newton-iter", "1",
                  "--out", str(fit_dir), "--no-progress"]) == 0
     assert "MAP of 1 system" in capsys.readouterr().out
     data = json.loads((fit_dir / "map.json").read_text())
@@ -52,6 +53,10 @@ def test_bad_input_one_line_no_output(tmp_path, capsys):
                  "--out", str(tmp_path / "f")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "f").exists()
+    assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--starts", "4",
+                 "--coarse-starts", "2", "--out", str(tmp_path / "f")]) == 2
+    assert "--coarse-starts (2) must be 0 or >= --starts (4)" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
     assert main(["demo", "--map-steps", "0", "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()

@@ -560,3 +560,92 @@ def test_default_vae_ships_and_reconstructs_better_than_the_noisy_input():
     err_recon = np.mean((recon - clean) ** 2)
     err_input = np.mean((noisy - clean) ** 2)
     assert err_recon < err_input, (err_recon, err_input)
+
+
+# ------------------------------------------------------------------ augmentation, warm start
+def test_dihedral_augmentation_gives_the_eight_symmetries_of_each_image():
+    from tfhybrid.priors.vae import dihedral_transform, images_dataset
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 64)).astype(np.float32)
+    expected = [np.rot90(x, k) for k in range(4)] + [np.fliplr(np.rot90(x, k)) for k in range(4)]
+    for k, e in enumerate(expected):
+        np.testing.assert_array_equal(dihedral_transform(tf.constant(x), tf.constant(k)).numpy(), e)
+    # A centred symmetric blob stays centred: the turns are about the stamp centre.
+    yy, xx = np.mgrid[:64, :64] - 31.5
+    blob = np.exp(-(xx**2 + 4 * yy**2) / 20).astype(np.float32)
+    np.testing.assert_allclose(dihedral_transform(tf.constant(blob), 1).numpy(), blob.T, atol=0)
+    # Over epochs every image appears under several distinct transforms, reproducibly per seed.
+    imgs = rng.normal(size=(4, 64, 64)).astype(np.float32)
+
+    def epochs(seed):
+        ds = images_dataset(imgs, 4, shuffle_seed=seed, augment=True)
+        return [b.numpy() for b in ds.repeat().take(6)]
+
+    a, b = epochs(3), epochs(3)
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(u, v)
+    seen = set()
+    for batch in a:
+        for img in batch:
+            for k, e in enumerate(
+                [np.rot90(imgs[0], j) for j in range(4)]
+                + [np.fliplr(np.rot90(imgs[0], j)) for j in range(4)]
+            ):
+                if np.array_equal(img, e):
+                    seen.add(k)
+    assert len(seen) >= 3, seen
+    # No transform without augment.
+    plain = next(iter(images_dataset(imgs, 4))).numpy()
+    np.testing.assert_array_equal(plain, imgs)
+
+
+def test_initial_model_warm_starts_training(tiny_model, images, tmp_path):
+    # learning rate 0: the weights stay those of the initial model (BatchNorm moving statistics
+    # excepted, which training updates), so the encoder's convolutions equal it exactly.
+    model, _ = train_vae(images[:16], TINY, epochs=1, batch_size=8, learning_rate=0.0,
+                         initial_model=tiny_model, fit_prior=False, verbose=0, augment=True)
+    for name in ("enc_conv1", "enc_conv5", "dec_convt5"):
+        layer = model.encoder if name.startswith("enc") else model.decoder
+        ref = tiny_model.encoder if name.startswith("enc") else tiny_model.decoder
+        np.testing.assert_array_equal(layer.get_layer(name).kernel.numpy(),
+                                      ref.get_layer(name).kernel.numpy())
+    save_vae(tiny_model, tmp_path / "init")
+    model2, _ = train_vae(images[:16], TINY, epochs=1, batch_size=8, learning_rate=0.0,
+                          initial_model=tmp_path / "init", fit_prior=False, verbose=0)
+    np.testing.assert_array_equal(model2.encoder.get_layer("enc_conv1").kernel.numpy(),
+                                  tiny_model.encoder.get_layer("enc_conv1").kernel.numpy())
+    other = VAEConfig(**{**TINY.to_dict(), "latent_dim": 5})
+    with pytest.raises(TfhybridInputError, match="initial_model has config"):
+        train_vae(images[:16], other, epochs=1, batch_size=8, initial_model=tiny_model,
+                  fit_prior=False, verbose=0)
+
+
+def test_fit_latent_maximises_the_map_objective(tiny_model, images):
+    x = images[:6]
+    sigma = np.full(6, 1.0 / 50.0, np.float32)
+
+    def objective(z, use_prior=True):
+        resid = x - tiny_model.decode(z).numpy()
+        value = -0.5 * np.sum(resid**2 / sigma[:, None, None] ** 2, axis=(1, 2))
+        if use_prior:
+            value = value + tiny_model.latent_log_prob(z).numpy()
+        return value
+
+    z0 = tiny_model.encode(x)[0]
+    z_map = tiny_model.fit_latent(x, sigma, num_steps=200)
+    assert z_map.shape == (6, TINY.latent_dim)
+    # every image's objective improves on the encoder mean, and the result is a local maximum:
+    # small random moves do not improve it.
+    assert np.all(objective(z_map) > objective(z0))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        dz = rng.normal(0, 0.05, z_map.shape).astype(np.float32)
+        assert np.all(objective(z_map + dz) <= objective(z_map) + 1e-3 * np.abs(objective(z_map)))
+    z_ml = tiny_model.fit_latent(x, sigma, num_steps=200, use_prior=False)
+    lik_map = objective(z_map, False)
+    assert np.all(objective(z_ml, False) >= lik_map - 1e-3 * np.abs(lik_map))
+    with pytest.raises(TfhybridInputError, match="noise_sigma"):
+        tiny_model.fit_latent(x, -1.0)
+    with pytest.raises(TfhybridInputError, match="num_steps"):
+        tiny_model.fit_latent(x, 0.02, num_steps=0)

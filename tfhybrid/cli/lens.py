@@ -49,7 +49,14 @@ def register(subparsers) -> None:
         if name == "fit":
             p.add_argument("--method", choices=("adam", "lbfgs"), default="adam")
             p.add_argument("--steps", type=int, default=2000)
-            p.add_argument("--starts", type=int, default=4)
+            p.add_argument("--starts", type=int, default=2,
+                           help="full-resolution starts per system (the best coarse ones)")
+            p.add_argument("--coarse-starts", type=int, default=16,
+                           help="global search: starts per system on a 4x coarser grid "
+                                "(0: none, start from prior medians and draws)")
+            p.add_argument("--coarse-steps", type=int, default=500)
+            p.add_argument("--newton-iter", type=int, default=3,
+                           help="damped Newton iterations with the full Hessian after Adam")
             p.set_defaults(func=run_fit)
         else:
             p.add_argument("--map", required=True, help="map.json of tfhybrid lens fit")
@@ -136,9 +143,16 @@ def run_fit(args) -> int:
 
     _positive("--steps", args.steps)
     _positive("--starts", args.starts)
+    if args.coarse_starts < 0 or args.newton_iter < 0:
+        raise _error("--coarse-starts and --newton-iter must be >= 0")
+    if args.coarse_starts and args.coarse_starts < args.starts:
+        raise _error(f"--coarse-starts ({args.coarse_starts}) must be 0 or >= --starts "
+                     f"({args.starts})")
     posterior, mocks, labels = _load(args)
     fit = fit_map(posterior, num_starts=args.starts, method=args.method, num_steps=args.steps,
-                  seed=args.seed, progress=not args.no_progress)
+                  seed=args.seed, progress=not args.no_progress,
+                  coarse_starts=args.coarse_starts, coarse_steps=args.coarse_steps,
+                  newton_iter=args.newton_iter)
     summary = write_fit_outputs(args.out, posterior, fit, mocks, labels=labels)
     chi2 = ", ".join(f"{c:.3f}" for c in summary["chi2_per_pixel"])
     print(f"MAP of {len(labels)} system(s) in {fit.wall_time_s:.1f} s; chi2/pixel {chi2}; "

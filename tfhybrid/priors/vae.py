@@ -75,6 +75,8 @@ from tfhybrid.priors.training import (
 )
 from tfhybrid.validation import TfhybridInputError, check_finite
 
+tfb = tfp.bijectors
+
 tfd = tfp.distributions
 
 IMAGE_SIZE = 64
@@ -587,6 +589,54 @@ class GalaxyVAE(keras.Model):
         """log p(z) under :attr:`latent_prior`; z (..., latent_dim) -> (...)."""
         return self.latent_prior.log_prob(_check_latent(z, self.latent_dim))
 
+    def fit_latent(
+        self,
+        images,
+        noise_sigma,
+        num_steps: int = 300,
+        learning_rate: float = 0.05,
+        use_prior: bool = True,
+    ) -> tf.Tensor:
+        """MAP latent of each image: argmax_z log N(x | mu_d(z), sigma) + log p(z).
+
+        This is how the lensing model uses the VAE (eq. 26 with the lens removed): the source
+        is ``mu_d(z)`` with ``z`` fitted to the data under :attr:`latent_prior`, not the
+        encoder's amortised guess. Adam from the encoder means, all images at once.
+
+        Parameters
+        ----------
+        images : (batch, 64, 64) peak-normalised images.
+        noise_sigma : float or (batch,) pixel noise sigma of each image (same units).
+        use_prior : include log p(z) (False: maximum likelihood in z).
+
+        Returns (batch, latent_dim) float32 latents; ``decode`` gives the reconstructions.
+        """
+        x = tf.convert_to_tensor(check_images("images", images))
+        sigma = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float32), (x.shape[0],))
+        if not np.all(np.isfinite(sigma) & (sigma > 0)):
+            raise TfhybridInputError(f"noise_sigma must be finite and > 0; got {noise_sigma!r}")
+        if not isinstance(num_steps, int | np.integer) or num_steps < 1:
+            raise TfhybridInputError(f"num_steps must be a positive int; got {num_steps!r}")
+        inv_var = tf.constant(1.0 / sigma.astype(np.float32) ** 2)[:, None, None]
+        # Adam runs in the prior's whitened coordinates w, z = loc + L w, where every direction
+        # has unit prior width whatever the fitted covariance.
+        prior = self.latent_prior
+        whiten = tfb.Shift(prior.loc)(tfb.ScaleMatvecTriL(prior.scale_tril))
+        w = tf.Variable(whiten.inverse(self._encode(x)[0]))
+
+        def loss():
+            z = whiten.forward(w)
+            resid = x - self._decode(z, training=False)
+            nll = 0.5 * tf.reduce_sum(resid * resid * inv_var)
+            if use_prior:
+                nll = nll - tf.reduce_sum(prior.log_prob(z))
+            return nll
+
+        tfp.math.minimize(
+            loss, int(num_steps), keras.optimizers.Adam(learning_rate), trainable_variables=[w]
+        )
+        return whiten.forward(tf.convert_to_tensor(w))
+
     def encoded_means(self, images, batch_size: int = 256) -> np.ndarray:
         """mu_e(x) for many images, in batches; (n, 64, 64) -> (n, latent_dim) float32 numpy."""
         images = check_images("images", images)
@@ -619,11 +669,37 @@ class GalaxyVAE(keras.Model):
 
 
 # =========================================================================== training
-def images_dataset(images: np.ndarray, batch_size: int, shuffle_seed: int | None = None):
-    """A ``tf.data`` pipeline of (batch, 64, 64) float32 images, reshuffled each epoch."""
+def dihedral_transform(image, k):
+    """Element ``k`` (0–7) of the dihedral group D4 applied to a (64, 64) image.
+
+    ``k mod 4`` quarter turns counter-clockwise, then a left-right flip if ``k >= 4``. For an
+    even side the turns are about the image centre (between the four central pixels), where the
+    preprocessing puts the galaxy, so the galaxy stays centred.
+    """
+    image = tf.image.rot90(image[..., None], k % 4)[..., 0]
+    return tf.cond(k >= 4, lambda: tf.reverse(image, [1]), lambda: image)
+
+
+def images_dataset(
+    images: np.ndarray,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+    augment: bool = False,
+):
+    """A ``tf.data`` pipeline of (batch, 64, 64) float32 images, reshuffled each epoch.
+
+    ``augment`` applies a random element of D4 (quarter turns and flips, which leave a
+    population of randomly oriented galaxies and white noise unchanged in distribution) to
+    every image, seeded by ``shuffle_seed``: 8× the distinct training images at no cost.
+    """
     ds = tf.data.Dataset.from_tensor_slices(images)
     if shuffle_seed is not None:
         ds = ds.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if augment:
+        ks = tf.data.Dataset.random(seed=shuffle_seed).map(lambda r: tf.cast(r % 8, tf.int32))
+        ds = tf.data.Dataset.zip((ds, ks)).map(
+            dihedral_transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -643,6 +719,8 @@ def train_vae(
     fit_prior: bool = True,
     callbacks: list | None = None,
     verbose: int | str = "auto",
+    augment: bool = False,
+    initial_model: GalaxyVAE | str | os.PathLike | None = None,
 ) -> tuple[GalaxyVAE, dict]:
     """Train a :class:`GalaxyVAE` with Keras ``fit`` and fit its latent prior.
 
@@ -661,6 +739,10 @@ def train_vae(
     strategy : None, "mirrored" or a ``tf.distribute.Strategy``.
     seed : seeds weight initialisation, shuffling and the reparametrisation noise.
     fit_prior : fit the section 2.1 latent prior on the training set after training.
+    augment : random quarter turns and flips of the training images (:func:`images_dataset`).
+    initial_model : a :class:`GalaxyVAE` or a directory written by :func:`save_vae`, of the same
+        config, whose network weights start the training (fine-tuning); a checkpoint in
+        ``checkpoint_dir`` still takes precedence when resuming.
 
     Returns
     -------
@@ -683,7 +765,17 @@ def train_vae(
     with strategy.scope():
         model = GalaxyVAE(config, seed=seed)
         model.compile(learning_rate=learning_rate)
-    train_ds = images_dataset(train_images, batch_size, shuffle_seed=seed)
+        if initial_model is not None:
+            if not isinstance(initial_model, GalaxyVAE):
+                initial_model = load_vae(initial_model)
+            if initial_model.config != config:
+                raise TfhybridInputError(
+                    f"initial_model has config {initial_model.config}; expected {config}"
+                )
+            model(tf.zeros((1, IMAGE_SIZE, IMAGE_SIZE), tf.float32))
+            for target, source in zip(model.weights, initial_model.weights, strict=True):
+                target.assign(source)
+    train_ds = images_dataset(train_images, batch_size, shuffle_seed=seed, augment=augment)
     with warnings.catch_warnings():
         # The dataset is shuffled by images_dataset; Keras warns that fit's shuffle is unused.
         warnings.filterwarnings("ignore", message=".*shuffle=True.*", category=UserWarning)
