@@ -113,6 +113,32 @@ def hmc_draw_time(posterior, n, m, chunk, jit, leapfrog=10):
     return max(t_long - t_short, 0.0) / m, t_short
 
 
+def pipeline_times(posterior, coarse_starts=16, coarse_steps=500, num_starts=1,
+                   num_steps=1500, newton_iter=3) -> dict:
+    """Wall time (measured, not extrapolated) of each stage of fit_map's full MAP pipeline."""
+    from tfhybrid.lens.fit import fit_map, newton_polish
+
+    t0 = time.perf_counter()
+    fit_map(posterior, num_starts=num_starts, num_steps=20, coarse_starts=coarse_starts,
+            coarse_steps=20, newton_iter=0, progress=False)  # traces and compiles both stages
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fit = fit_map(posterior, num_starts=num_starts, num_steps=num_steps,
+                  coarse_starts=coarse_starts, coarse_steps=coarse_steps, newton_iter=0,
+                  progress=False)
+    search = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    newton_polish(posterior, fit.state(), num_iter=newton_iter)
+    newton = time.perf_counter() - t0
+    return {
+        "pipeline warm-up (tracing, compilation; short run)": warm,
+        f"coarse search {coarse_starts} x {coarse_steps} + Adam {num_starts} x {num_steps}":
+            search,
+        f"Newton polish, {newton_iter} iterations (Hessians included)": newton,
+        "MAP total (without warm-up)": search + newton,
+    }
+
+
 def _fmt_s(sec):
     if sec < 120:
         return f"{sec:7.1f} s"
@@ -128,6 +154,9 @@ def main(argv=None):
     p.add_argument("--num-starts", type=int, default=4, help="fit_map's default starts")
     p.add_argument("--no-xla", action="store_true", help="skip the XLA-on MAP rows")
     p.add_argument("--hmc-xla", action="store_true", help="also time HMC with XLA on")
+    p.add_argument("--pipeline", action="store_true",
+                   help="also time fit_map's full pipeline end to end (coarse search, Adam, "
+                        "Newton) on one system, as the demo and the mock study run it")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -181,6 +210,10 @@ def main(argv=None):
           f"{'MAP per system (2000 steps)':>28s}")
     for s, step, per, total, _ in batch_rows:
         print(f"{s:<36d} {step:>8.3f} s {per:>11.4f} s {_fmt_s(total):>28s}")
+    if args.pipeline:
+        print()
+        for name, value in pipeline_times(post1).items():
+            print(f"{name:<60s} {value:>8.1f} s")
     print(f"\n# load average at end {os.getloadavg()[0]:.1f}; per-step times: "
           f"MAP: median of {repeats} compiled {chunk}-step chunks after a warm-up chunk; HMC: "
           f"difference of a 4- and a {4 + m_hmc}-draw run; all totals EXTRAPOLATED from them.")

@@ -142,7 +142,7 @@ def coarse_posterior(posterior: LensPosterior, factor: int = 4,
 
 def fit_map(
     posterior: LensPosterior,
-    num_starts: int = 4,
+    num_starts: int = 2,
     method: str = "adam",
     num_steps: int = 2000,
     learning_rate=None,
@@ -151,10 +151,10 @@ def fit_map(
     progress: bool = True,
     jit_compile: bool = False,
     rtol: float = 1e-6,
-    coarse_starts: int = 0,
-    coarse_steps: int = 600,
+    coarse_starts: int = 16,
+    coarse_steps: int = 500,
     coarse_factor: int = 4,
-    newton_iter: int = 0,
+    newton_iter: int = 3,
 ) -> LensMap:
     """MAP estimate (eq. 26) of every system, multi-start, in one batched graph.
 
@@ -168,7 +168,7 @@ def fit_map(
     learning_rate : Adam rate or Keras schedule (default: polynomial decay 0.03 → 3e-4).
     initial_state : state parts with leading shape ``(num_starts, S)`` (overrides num_starts).
     jit_compile : XLA-compile the optimiser chunks.
-    coarse_starts : if > 0, a global search first: ``coarse_starts`` starts per system (prior
+    coarse_starts : if > 0 (default 16; ignored with ``initial_state``), a global search first: ``coarse_starts`` starts per system (prior
         medians, then prior draws) run ``coarse_steps`` Adam steps on
         :func:`coarse_posterior` (``coarse_factor``), and the ``num_starts`` best of each system
         start the full-resolution fit. The lens parameters' posterior is multimodal (a wrong
