@@ -171,9 +171,10 @@ def fit_map(
     coarse_starts : if > 0 (ignored with ``initial_state``), a global search first:
         ``coarse_starts`` starts per system (prior medians, then prior draws) run
         ``coarse_steps`` Adam steps on :func:`coarse_posterior` (``coarse_factor``), and the
-        ``num_starts`` best of each system start the full-resolution fit. The lens parameters' posterior is multimodal (a wrong
-        Einstein radius or lens centre can fit part of the arcs); at 1/16 of the cost per
-        start, the coarse stage explores many more basins than full-resolution starts could.
+        ``num_starts`` best of each system start the full-resolution fit. The lens
+        parameters' posterior is multimodal (a wrong Einstein radius or lens centre can fit
+        part of the arcs); at 1/16 of the cost per start, the coarse stage explores many more
+        basins than full-resolution starts could.
     newton_iter : damped Newton iterations with the full Hessian after the optimiser
         (:func:`newton_polish`), which converge the poorly constrained directions that Adam
         leaves short of the mode; the last Hessian is kept in :attr:`LensMap.hessian`.
