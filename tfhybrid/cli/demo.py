@@ -1,7 +1,7 @@
 """``tfhybrid demo``: the package's main job on its embedded defaults.
 
 One held-out simulated galaxy lensed by a prior-drawn SPLE + external-shear lens at the
-paper's high S/N, fitted with the shipped VAE source model (MAP, then a short HMC run), with
+paper's high S/N, fitted with the shipped VAE source model (global search, MAP, then a short HMC run), with
 the figures of the paper (Figs. 6 and 8 layouts), a parameter table and one summary line.
 """
 
@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--map-steps", type=int, default=1500, help="Adam steps of the MAP fit")
     p.add_argument("--num-results", type=int, default=150, help="HMC draws kept")
-    p.add_argument("--num-burnin", type=int, default=50, help="HMC adaptation steps")
+    p.add_argument("--num-burnin", type=int, default=50, help="HMC warm-up draws, discarded")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
