@@ -1,8 +1,9 @@
 """``tfhybrid demo``: the package's main job on its embedded defaults.
 
 One held-out simulated galaxy lensed by a prior-drawn SPLE + external-shear lens at the
-paper's high S/N, fitted with the shipped VAE source model (global search, MAP, then a short HMC run), with
-the figures of the paper (Figs. 6 and 8 layouts), a parameter table and one summary line.
+paper's high S/N, fitted with the shipped VAE source model (global search, MAP, then a short
+HMC run), with the figures of the paper (Figs. 6 and 8 layouts), a parameter table and one
+summary line.
 """
 
 from __future__ import annotations
