@@ -7,6 +7,22 @@ import importlib
 TRAIN_MODULES = ("tfhybrid.cli.train_vae", "tfhybrid.cli.train_pixelcnn")
 
 
+def add_run_arguments(p) -> None:
+    """Options shared by every ``tfhybrid train`` model: checkpoints, strategy, export, seed."""
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="checkpoint every epoch here; rerun with the same dir to resume",
+    )
+    p.add_argument(
+        "--mirrored",
+        action="store_true",
+        help="train under tf.distribute.MirroredStrategy (all local devices)",
+    )
+    p.add_argument("--export", default=None, help="also write a SavedModel here")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train", help="train a galaxy prior (VAE source model or PixelCNN++ morphology prior)"

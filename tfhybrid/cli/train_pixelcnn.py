@@ -8,6 +8,8 @@ resume from ``--checkpoint-dir``), and saves ``config.json`` + ``weights.npz`` t
 
 from __future__ import annotations
 
+from tfhybrid.cli.train import add_run_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -32,18 +34,7 @@ def register(subparsers) -> None:
         default=None,
         help="stop training after this many minutes of wall time",
     )
-    p.add_argument(
-        "--checkpoint-dir",
-        default=None,
-        help="checkpoint every epoch here; rerun with the same dir to resume",
-    )
-    p.add_argument(
-        "--mirrored",
-        action="store_true",
-        help="train under tf.distribute.MirroredStrategy (all local devices)",
-    )
-    p.add_argument("--export", default=None, help="also write a SavedModel here")
-    p.add_argument("--seed", type=int, default=0)
+    add_run_arguments(p)
     p.set_defaults(func=run)
 
 

@@ -13,7 +13,7 @@ also writes a SavedModel (load with ``tfhybrid.priors.vae_export.load_prior`` or
 
 from __future__ import annotations
 
-from tfhybrid.cli.train import read_training_data
+from tfhybrid.cli.train import add_run_arguments, read_training_data
 
 
 def register(subparsers) -> None:
@@ -49,19 +49,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--max-minutes", type=float, default=None, help="stop after this many minutes of wall time"
     )
-    p.add_argument(
-        "--checkpoint-dir",
-        default=None,
-        help="checkpoint every epoch here; rerun with the same dir to resume",
-    )
     p.add_argument("--tensorboard-dir", default=None, help="write TensorBoard logs here")
-    p.add_argument(
-        "--mirrored",
-        action="store_true",
-        help="train under tf.distribute.MirroredStrategy (all local devices)",
-    )
-    p.add_argument("--export", default=None, help="also write a SavedModel here")
-    p.add_argument("--seed", type=int, default=0)
+    add_run_arguments(p)
     p.set_defaults(func=run)
 
 

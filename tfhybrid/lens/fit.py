@@ -201,11 +201,7 @@ def fit_map(
         lp_c = np.asarray(res_c.log_prob).reshape(coarse_starts, -1)
         order = np.argsort(-np.where(np.isfinite(lp_c), lp_c, -np.inf), axis=0)[:num_starts]
         cols = np.arange(lp_c.shape[1])[None, :]
-        initial_state = [
-            tf.constant(np.asarray(part).reshape((coarse_starts,) + lp_c.shape[1:]
-                                                 + tuple(part.shape[2:]))[order, cols])
-            for part in res_c.state
-        ]
+        initial_state = [tf.constant(np.asarray(part)[order, cols]) for part in res_c.state]
     t_coarse = time.perf_counter() - t_coarse if coarse_starts > 0 else 0.0
     state = initial_state if initial_state is not None else posterior.initial_states(
         num_starts, seed
@@ -266,6 +262,41 @@ def _unflatten(posterior, bijs, u, sizes, x):
     return parts, log_det
 
 
+def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes):
+    """Compiled ``x ↦ (log p, ∂ log p / ∂x)`` of flat unconstrained states ``(..., S, D)``.
+
+    Eq. 26 plus the bijectors' log-Jacobian. Built once per posterior and traced once per
+    input shape (the state, a full Hessian chunk, the last chunk), so the Newton iterations
+    reuse the graphs instead of retracing them.
+    """
+
+    @tf.function
+    def fn(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            parts, log_det = _unflatten(posterior, bijs, u, sizes, x)
+            lp = posterior.target_log_prob(*parts) + log_det
+            total = tf.reduce_sum(lp)
+        return lp, tape.gradient(total, x)
+
+    return fn
+
+
+def _hessian_at(fn, flat, eps: float, chunk_size: int) -> np.ndarray:
+    """Central-difference Hessian of −log p at flat ``(S, D)`` from the gradients of ``fn``."""
+    flat = tf.convert_to_tensor(flat, tf.float32)
+    d = int(flat.shape[1])
+    eye = tf.eye(d, dtype=flat.dtype) * eps
+    deltas = tf.concat([eye, -eye], 0)  # (2D, D)
+    grad = np.concatenate([
+        fn(flat[None] + deltas[i:i + chunk_size, None, :])[1].numpy().astype(np.float64)
+        for i in range(0, 2 * d, chunk_size)
+    ])  # (2D, S, D)
+    hess = -(grad[:d] - grad[d:]) / (2.0 * eps)  # hess[i, s, j] = -d2 log p / du_i du_j
+    hess = np.transpose(hess, (1, 0, 2))
+    return 0.5 * (hess + np.transpose(hess, (0, 2, 1)))
+
+
 def laplace_hessian(posterior: LensPosterior, state, eps: float = 1e-3,
                     chunk_size: int = 32) -> np.ndarray:
     """Hessian of −log p (eq. 26 + log-Jacobian) at ``state`` in unconstrained space: ``(S, D, D)``.
@@ -276,25 +307,7 @@ def laplace_hessian(posterior: LensPosterior, state, eps: float = 1e-3,
     batch bound the memory); symmetrised, float64.
     """
     bijs, u, sizes, flat = _flat_unconstrained(posterior, state)
-    d = int(flat.shape[1])
-    eye = tf.eye(d, dtype=flat.dtype) * eps
-    deltas = tf.concat([eye, -eye], 0)  # (2D, D)
-
-    @tf.function
-    def grads(batch):
-        with tf.GradientTape() as tape:
-            tape.watch(batch)
-            parts, log_det = _unflatten(posterior, bijs, u, sizes, batch)
-            total = tf.reduce_sum(posterior.target_log_prob(*parts) + log_det)
-        return tape.gradient(total, batch)
-
-    grad = np.concatenate([
-        grads(flat[None] + deltas[i:i + chunk_size, None, :]).numpy().astype(np.float64)
-        for i in range(0, 2 * d, chunk_size)
-    ])  # (2D, S, D)
-    hess = -(grad[:d] - grad[d:]) / (2.0 * eps)  # hess[i, s, j] = -d2 log p / du_i du_j
-    hess = np.transpose(hess, (1, 0, 2))
-    return 0.5 * (hess + np.transpose(hess, (0, 2, 1)))
+    return _hessian_at(_log_prob_and_grad(posterior, bijs, u, sizes), flat, eps, chunk_size)
 
 
 def newton_polish(posterior: LensPosterior, state, num_iter: int = 3, rel_floor: float = 1e-6):
@@ -311,22 +324,19 @@ def newton_polish(posterior: LensPosterior, state, num_iter: int = 3, rel_floor:
     :func:`sample_lens_posterior`.
     """
     bijs, u, sizes, flat = _flat_unconstrained(posterior, state)
+    fn = _log_prob_and_grad(posterior, bijs, u, sizes)
 
     def log_prob(x):
-        parts, log_det = _unflatten(posterior, bijs, u, sizes, tf.constant(x, tf.float32))
-        return (posterior.target_log_prob(*parts) + log_det).numpy().astype(np.float64)
+        return fn(tf.constant(x, tf.float32))[0].numpy().astype(np.float64)
 
     def grad(x):
-        x = tf.constant(x, tf.float32)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            parts, log_det = _unflatten(posterior, bijs, u, sizes, x)
-            total = tf.reduce_sum(posterior.target_log_prob(*parts) + log_det)
-        return tape.gradient(total, x).numpy().astype(np.float64)
+        return fn(tf.constant(x, tf.float32))[1].numpy().astype(np.float64)
 
     def hessian(x):
+        # at the point the returned (constrained, float32) state maps back to, which is where
+        # sample_lens_posterior centres its whitening
         parts, _ = _unflatten(posterior, bijs, u, sizes, tf.constant(x, tf.float32))
-        return laplace_hessian(posterior, parts)
+        return _hessian_at(fn, _flat_unconstrained(posterior, parts)[3], 1e-3, 32)
 
     x = flat.numpy().astype(np.float64)
     lp = log_prob(x)
