@@ -77,6 +77,8 @@ class PosteriorResult:
     kernel : "hmc" or "nuts".
     wall_time_s : seconds of sampling in this call (excluding chunks read from disk).
     num_gradient_evaluations : leapfrog steps summed over chains and steps (this call).
+    chunk_seconds : wall time of each compiled chunk sampled in this call (``chunk_size``
+        steps); the first includes tracing and compilation.
     """
 
     samples: list
@@ -89,6 +91,7 @@ class PosteriorResult:
     wall_time_s: float
     num_gradient_evaluations: int
     names: list = field(default_factory=list)
+    chunk_seconds: list = field(default_factory=list)
 
     def summary(self, names: Sequence[str] | None = None):
         """Per-parameter table (mean, sd, ESS, split R-hat); see ``diagnostics.summarize``."""
@@ -290,11 +293,14 @@ def sample_posterior(
     bar = tqdm(total=total, desc=f"{kernel.upper()} sampling", disable=not progress, leave=False)
     bar.update(min(total, start_chunk * chunk))
     t0 = time.perf_counter()
+    chunk_seconds = []
     try:
         for c in range(start_chunk, n_chunks):
             chunk_seed = tf.random.experimental.stateless_fold_in(base_seed, c)
+            t_chunk = time.perf_counter()
             draws, tr, final_state, final_kr = compiled(state, flat_kr, chunk_seed)
             draws = [d.numpy() for d in draws]
+            chunk_seconds.append(time.perf_counter() - t_chunk)
             tr = {k: v.numpy() for k, v in tr.items()}
             state = [s.numpy() for s in final_state]
             flat_kr = [_to_numpy(t) for t in final_kr]
@@ -331,6 +337,7 @@ def sample_posterior(
         wall_time_s=wall,
         num_gradient_evaluations=n_grad_new,
         names=list(names) if names is not None else [],
+        chunk_seconds=chunk_seconds,
     )
 
 
