@@ -49,10 +49,12 @@ MAP_NAMES = ("r_ein", "gamma", "phi", "q", "gamma1", "gamma2", "theta_lens1", "t
 def _map_metrics(params_true, params_map, tol_pct):
     import numpy as np
 
+    from tfhybrid.lens.fit import equivalent_truth
+
     out = {}
     for name in MAP_NAMES:
-        t = np.asarray(params_true[name], dtype=np.float64)
         m = np.asarray(params_map[name], dtype=np.float64)
+        t = equivalent_truth(name, params_true[name], m)  # φ: the branch φ_true + kπ nearest
         err = 100.0 * np.abs(m - t) / np.maximum(np.abs(t), 1e-12)
         out[name] = dict(
             median_abs_error_pct=float(np.median(err)),
@@ -96,7 +98,13 @@ def main(argv=None) -> dict:
     import numpy as np
 
     from tfhybrid.io import atomic_path, write_json_atomic
-    from tfhybrid.lens.fit import LensMap, coverage, fit_map, sample_lens_posterior
+    from tfhybrid.lens.fit import (
+        LensMap,
+        coverage,
+        equivalent_truth,
+        fit_map,
+        sample_lens_posterior,
+    )
     from tfhybrid.lens.mocks import make_mocks, write_mock_fits
     from tfhybrid.lens.model import LensPosterior
     from tfhybrid.lens.pipeline import write_fit_outputs, write_sample_outputs
@@ -178,7 +186,7 @@ def main(argv=None) -> dict:
         mean, std = samples.mean(), samples.std()
         per_param = {}
         for name in ("r_ein", "gamma", "phi", "q"):
-            t = np.asarray(truth[name], dtype=np.float64)
+            t = equivalent_truth(name, truth[name], mean[name])
             per_param[name] = dict(
                 median_abs_error_mean_pct=float(np.median(
                     100.0 * np.abs(mean[name] - t) / np.maximum(np.abs(t), 1e-12))),

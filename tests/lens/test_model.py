@@ -254,3 +254,16 @@ def test_newton_polish_converges_to_the_mode(vae, problem):
     # batch shape changes the order of the float32 sums)
     np.testing.assert_allclose(laplace_hessian(post, parts, chunk_size=7), hess,
                                rtol=1e-3, atol=atol)
+
+
+def test_equivalent_truth_folds_phi_by_pi_only():
+    """φ and φ ± π are the same ellipse: errors and coverage use the nearest branch."""
+    from tfhybrid.lens.fit import equivalent_truth
+
+    t = np.array([1.0624, -0.7459, 0.3])
+    est = np.array([-2.0881, 2.2064, 0.31])
+    folded = equivalent_truth("phi", t, est)
+    np.testing.assert_allclose(folded, [1.0624 - np.pi, -0.7459 + np.pi, 0.3])
+    assert np.all(np.abs(folded - est) <= np.pi / 2)
+    # a non-periodic parameter is never moved, however far the estimate
+    np.testing.assert_array_equal(equivalent_truth("r_ein", t, est + 10.0), t)

@@ -41,9 +41,30 @@ def _check_draws(x, name="samples") -> np.ndarray:
     return arr
 
 
+class _QuietCast:
+    """Hide TF's "casting complex128 to float64" warning from TFP's FFT autocorrelation.
+
+    ``tfp.mcmc.effective_sample_size`` takes the real part of an FFT on purpose; TF logs a
+    warning for it on every call, which users would read as a fault of theirs.
+    """
+
+    def filter(self, record) -> bool:
+        return "casting an input of type complex" not in record.getMessage()
+
+
 def effective_sample_size(samples) -> np.ndarray:
     """Total ESS over chains per parameter: (num_results, chains, *event) → event shape."""
     x = _check_draws(samples)
+    logger = tf.get_logger()
+    quiet = _QuietCast()
+    logger.addFilter(quiet)
+    try:
+        return _effective_sample_size(x)
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _effective_sample_size(x: np.ndarray) -> np.ndarray:
     if x.shape[1] >= 2:
         ess = tfp.mcmc.effective_sample_size(
             tf.constant(x), cross_chain_dims=1, filter_beyond_positive_pairs=True

@@ -79,6 +79,8 @@ class PosteriorResult:
     num_gradient_evaluations : leapfrog steps summed over chains and steps (this call).
     chunk_seconds : wall time of each compiled chunk sampled in this call (``chunk_size``
         steps); the first includes tracing and compilation.
+    final_step_size : the kernel's step size at the end, as an array (its batch shape when the
+        step size is adapted per batch member).
     """
 
     samples: list
@@ -92,6 +94,7 @@ class PosteriorResult:
     num_gradient_evaluations: int
     names: list = field(default_factory=list)
     chunk_seconds: list = field(default_factory=list)
+    final_step_size: np.ndarray | None = None
 
     def summary(self, names: Sequence[str] | None = None):
         """Per-parameter table (mean, sd, ESS, split R-hat); see ``diagnostics.summarize``."""
@@ -119,7 +122,7 @@ def sample_posterior(
     init_jitter: float = 0.1,
     jit_compile: bool = True,
     names: Sequence[str] | None = None,
-    adapt: bool = True,
+    adapt: bool | str = True,
 ) -> PosteriorResult:
     """Draw ``num_results`` posterior samples per chain with HMC or NUTS (003_* §5.3).
 
@@ -146,6 +149,9 @@ def sample_posterior(
     jit_compile : XLA-compile the chunks (faster for small models on CPU; measure).
     names : optional names per part, carried into summaries and ArviZ.
     adapt : adapt step size and diagonal mass matrix during the ``num_burnin`` steps (default).
+        ``"step_size"``: dual-averaging step-size adaptation only (unit mass matrix), for
+        targets already whitened; a ``step_size`` with batch shape (e.g. ``(S, 1)`` for a
+        state ``(chains, S, D)``) is then adapted per batch member (TFP's per-chain rule).
         With False the warm-up steps run the fixed kernel (``step_size``, unit mass matrix)
         and are discarded: for targets already whitened, where a short adaptation from few,
         correlated draws does more harm than good.
@@ -160,6 +166,8 @@ def sample_posterior(
         raise TfhybridInputError(f"kernel must be 'hmc' or 'nuts'; got {kernel!r}")
     if int(num_results) < 1:
         raise TfhybridInputError(f"num_results must be >= 1; got {num_results}")
+    if adapt not in (True, False, "step_size"):
+        raise TfhybridInputError(f"adapt must be True, False or 'step_size'; got {adapt!r}")
     n_adapt = int(num_burnin) if adapt else 0
     if n_adapt != 0 and n_adapt < 20:
         raise TfhybridInputError(
@@ -229,6 +237,9 @@ def sample_posterior(
     dtype = unconstrained[0].dtype
     n_params = sum(int(np.prod(u.shape[batch_ndims:].as_list())) for u in unconstrained)
     init_step = step_size if step_size is not None else 0.5 * n_params**-0.25
+    if np.ndim(init_step) == 0:
+        init_step = float(init_step)
+    step_key = tuple(np.ravel(init_step).tolist()) + tuple(np.shape(init_step))
     accept = target_accept_prob or (0.8 if kernel == "nuts" else 0.75)
 
     total = int(num_burnin) + int(num_results)
@@ -240,7 +251,7 @@ def sample_posterior(
         fn_key = id(target_log_prob_fn)
     key = (
         fn_key, tuple(id(b) for b in bijs), kernel,
-        tuple(tuple(u.shape.as_list()) for u in unconstrained), dtype.name, float(init_step),
+        tuple(tuple(u.shape.as_list()) for u in unconstrained), dtype.name, step_key, str(adapt),
         n_adapt, int(num_burnin), int(num_leapfrog_steps), int(max_tree_depth), float(accept),
         chunk, bool(jit_compile),
     )
@@ -253,6 +264,7 @@ def sample_posterior(
         mcmc_kernel = _make_kernel(
             kernel, target_unconstrained, unconstrained, batch_shape, dtype, init_step,
             n_adapt, int(num_leapfrog_steps), int(max_tree_depth), float(accept),
+            mass=adapt is True,
         )
         template = mcmc_kernel.bootstrap_results(unconstrained)
         compiled = _compile_chunk(mcmc_kernel, template, chunk, kernel, init_step, jit_compile)
@@ -271,9 +283,9 @@ def sample_posterior(
         ckpt = Path(checkpoint_dir)
         config = dict(
             format=_CHECKPOINT_FORMAT, kernel=kernel, num_results=int(num_results),
-            num_burnin=int(num_burnin), adapt=bool(adapt), seed=int(seed), chunk_size=chunk,
+            num_burnin=int(num_burnin), adapt=adapt, seed=int(seed), chunk_size=chunk,
             shapes=[list(u.shape) for u in unconstrained], dtype=dtype.name,
-            step_size=float(init_step), num_leapfrog_steps=int(num_leapfrog_steps),
+            step_size=np.asarray(init_step).tolist(), num_leapfrog_steps=int(num_leapfrog_steps),
             max_tree_depth=int(max_tree_depth), target_accept_prob=float(accept),
             initial_state_sha1=_fingerprint(unconstrained),
         )
@@ -338,6 +350,7 @@ def sample_posterior(
         num_gradient_evaluations=n_grad_new,
         names=list(names) if names is not None else [],
         chunk_seconds=chunk_seconds,
+        final_step_size=_final_step_size(kr_final, init_step),
     )
 
 
@@ -373,8 +386,13 @@ def _to_numpy(t):
     return t.numpy() if hasattr(t, "numpy") else np.asarray(t)
 
 
-def _make_kernel(kind, target, state, batch_shape, dtype, step, n_adapt, n_leap, depth, accept):
-    """Base kernel wrapped in Stan-style windowed adaptation (TFP's building blocks)."""
+def _make_kernel(kind, target, state, batch_shape, dtype, step, n_adapt, n_leap, depth, accept,
+                 mass=True):
+    """Base kernel wrapped in Stan-style windowed adaptation (TFP's building blocks).
+
+    With ``mass=False`` only the step size adapts (dual averaging, per batch member when
+    ``step`` has a batch shape).
+    """
     from tensorflow_probability.python.experimental.mcmc import (
         preconditioning_utils,
         windowed_sampling,
@@ -398,6 +416,10 @@ def _make_kernel(kind, target, state, batch_shape, dtype, step, n_adapt, n_leap,
         base = tfp.experimental.mcmc.PreconditionedNoUTurnSampler(max_tree_depth=depth, **kwargs)
     if n_adapt == 0:
         return base
+    if not mass:
+        return tfp.mcmc.DualAveragingStepSizeAdaptation(
+            base, num_adaptation_steps=n_adapt, target_accept_prob=tf.constant(accept, dtype)
+        )
     running = [
         tfp.experimental.stats.RunningVariance.from_stats(
             num_samples=tf.zeros([], s.dtype), mean=tf.zeros_like(s), variance=tf.ones_like(s)
@@ -458,6 +480,18 @@ def _trace(pkr, kind, init_step):
         "n_steps": n_steps,
         "step_size": step,
     }
+
+
+def _final_step_size(kr, init_step) -> np.ndarray:
+    from tensorflow_probability.python.internal import unnest
+
+    try:
+        step = unnest.get_innermost(kr, "step_size")
+    except (AttributeError, ValueError):
+        return np.asarray(init_step)
+    if isinstance(step, (list, tuple)):
+        step = step[0] if len(step) else init_step
+    return np.asarray(step)
 
 
 def _mass_matrix_variance(kr, state):

@@ -37,8 +37,29 @@ __all__ = [
     "sample_lens_posterior",
     "parameter_table",
     "coverage",
+    "equivalent_truth",
     "format_table",
 ]
+
+#: Parameters defined modulo a period: the lens's major-axis angle φ (rad) describes the same
+#: ellipse at φ + kπ, and its N(0, 1) prior (eq. 19) does not fold it, so a fit may land on any
+#: branch.
+PERIODIC_PARAMS = {"phi": np.pi}
+
+
+def equivalent_truth(name: str, truth, reference):
+    """The true value of ``name`` on the branch nearest ``reference`` (same shapes, broadcast).
+
+    φ is only defined modulo π (an ellipse rotated by π is the same lens): an estimate of
+    φ_true ± π is exact, and errors, pulls and interval coverage must be measured against
+    ``φ_true + kπ`` with the k nearest the estimate. Other parameters are returned unchanged.
+    """
+    truth = np.asarray(truth, dtype=np.float64)
+    period = PERIODIC_PARAMS.get(name)
+    if period is None:
+        return truth
+    reference = np.asarray(reference, dtype=np.float64)
+    return truth + period * np.round((reference - truth) / period)
 
 
 @dataclass
@@ -73,7 +94,14 @@ class LensMap:
 
     @property
     def message(self) -> str:
-        return self.result.message
+        """The optimiser's message, plus the Newton polish's outcome when it ran."""
+        msg = self.result.message if self.result is not None else ""
+        if self.hessian is not None and self.result is not None:
+            gain = self.log_prob - np.asarray(self.result.log_prob).reshape(
+                -1, len(self.log_prob)).max(0)
+            msg += (f"; Newton polish: log p raised by {np.min(gain):.3g} to {np.max(gain):.3g}"
+                    f" over {len(gain)} system(s)")
+        return msg
 
 
 @dataclass
@@ -266,22 +294,26 @@ def _unflatten(posterior, bijs, u, sizes, x):
     return parts, log_det
 
 
-def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, jit_compile: bool = False):
+def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, jit_compile: bool = False,
+                       log_det: bool = True):
     """Compiled ``x ↦ (log p, ∂ log p / ∂x)`` of flat unconstrained states ``(..., S, D)``.
 
-    Eq. 26 plus the bijectors' log-Jacobian. Built once per posterior and traced once per
-    input shape (the state, a Hessian chunk), so the Newton iterations reuse the graphs
-    instead of retracing them. XLA stays off: with the batch of a Hessian chunk (32
-    perturbations) the VAE decoder's convolutions dominate, and XLA's CPU convolutions made a
-    Newton polish 10x slower (123 s instead of 13 s on one system).
+    Eq. 26, plus the bijectors' log-Jacobian with ``log_det`` (the density of the unconstrained
+    coordinates, which HMC samples; without it, the objective whose optimum is the MAP of the
+    constrained parameters, as :func:`tfhybrid.inference.map.find_map` uses). Built once per
+    posterior and traced once per input shape (the state, a Hessian chunk), so the Newton
+    iterations reuse the graphs instead of retracing them. XLA stays off: with the batch of a
+    Hessian chunk (32 perturbations) the VAE decoder's convolutions dominate, and XLA's CPU
+    convolutions (and compilation) made a Newton polish 10x slower (123 s instead of 13 s on
+    one system).
     """
 
     @tf.function(jit_compile=bool(jit_compile))
     def fn(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            parts, log_det = _unflatten(posterior, bijs, u, sizes, x)
-            lp = posterior.target_log_prob(*parts) + log_det
+            parts, jac = _unflatten(posterior, bijs, u, sizes, x)
+            lp = posterior.target_log_prob(*parts) + (jac if log_det else 0.0)
             total = tf.reduce_sum(lp)
         return lp, tape.gradient(total, x)
 
@@ -327,12 +359,15 @@ def newton_polish(posterior: LensPosterior, state, num_iter: int = 3, rel_floor:
     ``μ`` raised tenfold while log p would decrease and lowered threefold after a success (per
     system). The likelihood is only piecewise smooth (bilinear interpolation), so convergence
     is linear rather than quadratic; a few iterations still close most of the gap Adam leaves.
+    It maximises eq. 26 itself (no log-Jacobian), like the optimiser before it, so the result
+    is the MAP of the constrained parameters and its log p compares with Adam's.
     Returns ``(state, log_prob, hessian)``: constrained state parts with leading axis ``S``, the
     (S,) log posterior there, and the Hessian at the returned point, ready for
-    :func:`sample_lens_posterior`.
+    :func:`sample_lens_posterior` (it lacks the log-Jacobian's curvature, a ~1e-5 relative
+    change that only affects HMC's preconditioner, not its target).
     """
     bijs, u, sizes, flat = _flat_unconstrained(posterior, state)
-    fn = _log_prob_and_grad(posterior, bijs, u, sizes)
+    fn = _log_prob_and_grad(posterior, bijs, u, sizes, log_det=False)
 
     def log_prob(x):
         return fn(tf.constant(x, tf.float32))[0].numpy().astype(np.float64)
@@ -409,8 +444,9 @@ def sample_lens_posterior(
     With ``precondition`` (default) the sampler runs in whitened coordinates ``w`` with
     ``u = u_MAP + A w`` (``u`` the bijectors' unconstrained space, ``A Aᵀ`` the inverse Hessian
     at the MAP from :func:`laplace_hessian`), where the 76 correlated parameters of every system
-    have unit, uncorrelated widths: a fixed step size (0.15 unless ``step_size``) suits all of
-    them and all systems of the batch, and the warm-up draws are simply discarded. Without it,
+    have roughly unit, uncorrelated widths: the step size starts at 0.15 (unless ``step_size``)
+    and the ``num_burnin`` warm-up draws (if ≥ 20) adapt it per system by dual averaging (no
+    mass-matrix adaptation); they are then discarded. Without it,
     the engine adapts step size and diagonal mass matrix during ``num_burnin`` steps, which
     with the paper's 50 steps collapsed the step size on the mocks. Chains after the first start
     from the MAP jittered by 0.1 · N(0, 1) in sampler units. ``checkpoint_dir`` makes the run
@@ -443,16 +479,27 @@ def sample_lens_posterior(
         parts, log_det = _unflatten(posterior, bijs, u, sizes, to_unconstrained(w))
         return posterior.target_log_prob(*parts) + log_det
 
-    # In whitened coordinates the posterior is close to N(0, I): a fixed step of 0.15 (HMC's
-    # optimum scales as d^(-1/4) = 0.34 for d = 76) needs no adaptation, and adapting the mass
-    # matrix from the few, correlated warm-up draws of the paper's schedule is what collapsed
-    # the step size (a window without an accepted move estimates zero variance).
+    # In whitened coordinates the posterior is close to N(0, I): a step of 0.15 (HMC's optimum
+    # scales as d^(-1/4) = 0.34 for d = 76) suits most systems, and adapting the mass matrix
+    # from the few, correlated warm-up draws of the paper's schedule is what collapsed the step
+    # size (a window without an accepted move estimates zero variance). But the likelihood is
+    # only piecewise smooth, and in some systems the Laplace widths are off by a factor of a
+    # few: one of 10 study systems never accepted a move at 0.15. So the warm-up adapts the
+    # step size alone, per system (dual averaging, TFP's per-chain rule with a (S, 1) step).
+    n_sys = int(flat.shape[0])
+    adapt_step = precondition and int(num_burnin) >= 20
+    if precondition:
+        step0 = 0.15 if step_size is None else step_size
+        if adapt_step and np.ndim(step0) == 0:
+            step0 = np.full((n_sys, 1), float(step0), np.float32)
+    else:
+        step0 = step_size
     res = sample_posterior(
         target, tf.zeros_like(flat), num_results=num_results, num_burnin=num_burnin,
         kernel=kernel, num_chains=num_chains, seed=seed, checkpoint_dir=checkpoint_dir,
         progress=progress, num_leapfrog_steps=num_leapfrog_steps, jit_compile=jit_compile,
-        names=["w"], adapt=not precondition,
-        step_size=(0.15 if step_size is None else step_size) if precondition else step_size,
+        names=["w"], adapt=("step_size" if adapt_step else False) if precondition else True,
+        step_size=step0,
     )
     draws = tf.constant(res.samples[0], tf.float32)  # (R, C, S, D)
     parts, _ = _unflatten(posterior, bijs, u, sizes, to_unconstrained(draws))
@@ -466,7 +513,9 @@ def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | Non
                            "theta_lens1", "theta_lens2")) -> list[dict]:
     """Rows (one per system and parameter): true, MAP, posterior mean ± std, per cent errors.
 
-    ``error_map_pct`` = 100 (MAP − true) / |true|; ``bias_sigma`` = (mean − true) / std.
+    ``error_map_pct`` = 100 (MAP − true) / |true|; ``bias_sigma`` = (mean − true) / std. For
+    φ, "true" is the equivalent value φ_true + kπ nearest the estimate
+    (:func:`equivalent_truth`).
     """
     rows = []
     mean = samples.mean() if samples is not None else None
@@ -476,7 +525,8 @@ def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | Non
         for name in names:
             row = dict(system=i, parameter=name, map=float(fit.params[name][i]))
             if truth is not None:
-                t = float(np.asarray(truth[name])[i])
+                ref = mean[name][i] if mean is not None else row["map"]
+                t = float(equivalent_truth(name, np.asarray(truth[name])[i], ref))
                 row["true"] = t
                 row["error_map_pct"] = 100.0 * (row["map"] - t) / max(abs(t), 1e-12)
             if mean is not None:
@@ -492,12 +542,16 @@ def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | Non
 
 def coverage(truth: dict, samples: LensSamples, probability: float = 0.68,
              names=("r_ein", "gamma", "phi", "q")) -> dict:
-    """Fraction of systems whose central ``probability`` interval contains the truth, per name."""
+    """Fraction of systems whose central ``probability`` interval contains the truth, per name.
+
+    φ's truth is taken on the branch (φ_true + kπ) nearest the posterior mean.
+    """
     intervals = samples.interval(probability)
+    mean = samples.mean()
     out = {}
     for name in names:
         lo, hi = intervals[name]
-        t = np.asarray(truth[name], dtype=np.float64)
+        t = equivalent_truth(name, truth[name], mean[name])
         out[name] = float(np.mean((t >= lo) & (t <= hi)))
     return out
 

@@ -25,6 +25,7 @@ from tfhybrid.lens.fit import (
     LensMap,
     LensSamples,
     coverage,
+    equivalent_truth,
     fit_map,
     format_table,
     parameter_table,
@@ -182,8 +183,9 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
     s = next(iter(samples.params.values())).shape[-1]
     names = ("r_ein", "gamma", "phi")
     chains = [{k: samples.params[k][..., i].ravel() for k in names} for i in range(s)]
-    truths = {k: float(np.asarray(truth[k])[0]) for k in names} if truth is not None and s == 1 \
-        else None
+    mean = samples.mean()
+    truths = ({k: float(equivalent_truth(k, np.asarray(truth[k])[0], mean[k][0])) for k in names}
+              if truth is not None and s == 1 else None)  # φ: the branch nearest the draws
     fig = posterior_corner_figure(chains, names, truths=truths,
                                   labels=list(labels) if labels else None,
                                   display_names=_DISPLAY)
