@@ -70,7 +70,7 @@ def map_step_time(posterior, num_starts, chunk, repeats, jit):
     return float(np.median(sec[1:])) / chunk, float(sec[0])
 
 
-def hmc_times(posterior, fit, num_burnin, num_results, chunk_draws):
+def hmc_times(posterior, fit, num_burnin, num_results):
     """(measured wall of sample_lens_posterior, steady seconds per draw, its diagnostics)."""
     from tfhybrid.lens.fit import sample_lens_posterior
 
@@ -80,7 +80,8 @@ def hmc_times(posterior, fit, num_burnin, num_results, chunk_draws):
     wall = time.perf_counter() - t0
     res = samples.result
     sec = np.asarray(res.chunk_seconds)
-    per_draw = float(np.median(sec[1:] if len(sec) > 1 else sec)) / chunk_draws
+    draws_per_chunk = -(-(num_burnin + num_results) // len(sec))  # the engine's equal chunks
+    per_draw = float(np.median(sec[1:] if len(sec) > 1 else sec)) / draws_per_chunk
     return wall, per_draw, res.diagnostics
 
 
@@ -158,8 +159,7 @@ def main(argv=None):
                   f"incl. compile {first:.1f} s)", flush=True)
 
     burn, draws = (20, 100) if args.quick else (50, 500)
-    wall, per_draw, diag = hmc_times(post1, fit, burn, draws, chunk_draws=-(-(burn + draws)
-                                                                          // 10))
+    wall, per_draw, diag = hmc_times(post1, fit, burn, draws)
     if args.quick:
         rows.append(("HMC 50 + 500 draws, 1 system", per_draw, "s/draw",
                      per_draw * PAPER_HMC_DRAWS, "extrapolated", PAPER_HMC_S))

@@ -194,8 +194,8 @@ def find_map(
     try:
         if method == "adam":
             u_final, trace, conv, steps_run, rel, seconds = _run_adam(
-                log_prob_u, unconstrained, num_steps, learning_rate, rtol, per_update,
-                jit_compile, bar,
+                log_prob_u, unconstrained, batch_shape, num_steps, learning_rate, rtol,
+                per_update, jit_compile, bar,
             )
         else:
             u_final, trace, conv, steps_run, rel, seconds = _run_lbfgs(
@@ -249,8 +249,8 @@ class FunctionalAdam:
     """Adam (Kingma & Ba 2015) as a pure function of its state, for compiled loops.
 
     The update of ``keras.optimizers.Adam`` (same defaults, same bias correction folded into
-    the step, ``epsilon`` added to √v̂ as Keras does), with the optimiser state held in
-    tensors instead of variables: ``state = init(params)``, then
+    the step size, ``epsilon`` added to √v as Keras does, not to √v̂), with the optimiser
+    state held in tensors instead of variables: ``state = init(params)``, then
     ``updates, state = update(grads, state, params)`` and ``params + updates``. This is the
     optimiser protocol of ``tfp.math.minimize_stateless`` (optax's ``init`` / ``update``), so a
     whole chunk of steps, gradients included, compiles into one XLA while-loop; the Keras
@@ -266,8 +266,8 @@ class FunctionalAdam:
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
 
     def init(self, params):
-        zeros = [tf.zeros_like(p) for p in params]
-        return (tf.constant(0, tf.int64), zeros, [tf.zeros_like(p) for p in params])
+        return (tf.constant(0, tf.int64), [tf.zeros_like(p) for p in params],
+                [tf.zeros_like(p) for p in params])
 
     def update(self, grads, state, params=None):
         step, m, v = state
@@ -281,7 +281,9 @@ class FunctionalAdam:
         return updates, (step + 1, m, v)
 
 
-def _run_adam(log_prob_u, unconstrained, num_steps, learning_rate, rtol, per_update, jit, bar):
+def _run_adam(
+    log_prob_u, unconstrained, batch_shape, num_steps, learning_rate, rtol, per_update, jit, bar
+):
     """Adam in compiled chunks of ``per_update`` steps (one XLA while-loop each with ``jit``).
 
     Each chunk is the loop of ``tfp.math.minimize`` (loss and gradient at the current point,
@@ -289,7 +291,6 @@ def _run_adam(log_prob_u, unconstrained, num_steps, learning_rate, rtol, per_upd
     compiled function is built once per chunk length and reused by every chunk.
     """
     optimizer = FunctionalAdam(learning_rate)
-    n_parts = len(unconstrained)
 
     def neg_log_prob_and_grads(params):
         with tf.GradientTape() as tape:
@@ -318,7 +319,7 @@ def _run_adam(log_prob_u, unconstrained, num_steps, learning_rate, rtol, per_upd
     compiled = {}
     traces, seconds = [], []
     done, prev_end = 0, None
-    conv = np.zeros(tf.convert_to_tensor(log_prob_u(*params)).shape, bool)
+    conv = np.zeros(batch_shape, bool)
     rel = np.full(conv.shape, np.inf)
     while done < num_steps:
         n = min(per_update, num_steps - done)
@@ -328,7 +329,7 @@ def _run_adam(log_prob_u, unconstrained, num_steps, learning_rate, rtol, per_upd
             )
         t0 = time.perf_counter()
         params, opt_state, losses = compiled[n](params, opt_state)
-        params = list(params)[:n_parts]
+        params = list(params)
         losses = losses.numpy()
         seconds.append(time.perf_counter() - t0)
         traces.append(losses)

@@ -294,8 +294,7 @@ def _unflatten(posterior, bijs, u, sizes, x):
     return parts, log_det
 
 
-def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, jit_compile: bool = False,
-                       log_det: bool = True):
+def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, log_det: bool = True):
     """Compiled ``x ↦ (log p, ∂ log p / ∂x)`` of flat unconstrained states ``(..., S, D)``.
 
     Eq. 26, plus the bijectors' log-Jacobian with ``log_det`` (the density of the unconstrained
@@ -308,7 +307,7 @@ def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, jit_compile: bo
     one system).
     """
 
-    @tf.function(jit_compile=bool(jit_compile))
+    @tf.function
     def fn(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
