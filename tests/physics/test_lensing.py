@@ -131,6 +131,43 @@ def test_source_convention_identity_without_lens():
     np.testing.assert_allclose(out.numpy()[0, :, 1:], source[0, :, :-1], atol=1e-12)
 
 
+def test_resample_source_stamp_redraws_the_same_galaxy():
+    # An elliptical Gaussian (sigma 6 and 4 px, off-centre) on a 64-px stamp of half-side s,
+    # redrawn on a stamp k s wide, must equal the same Gaussian drawn analytically on the new
+    # stamp: bilinear interpolation of the old pixels errs by ~h^2 f''/8 per axis, 1/(8 * 16)
+    # of the peak along the 4-px axis (1.07 % measured in all), so 1.5 % of the peak is the
+    # tolerance; a half-pixel slip in the centre convention would miss by ~7 %.
+    n, c = 64, 31.5
+
+    def gauss(x0, y0, sx, sy):
+        yy, xx = np.mgrid[:n, :n].astype(float)
+        return np.exp(-0.5 * (((xx - x0) / sx) ** 2 + ((yy - y0) / sy) ** 2))
+
+    x0, y0 = 35.2, 27.7
+    src = gauss(x0, y0, 6.0, 4.0)[None]
+    np.testing.assert_allclose(lensing.resample_source_stamp(src, 1.0).numpy(), src, atol=1e-12)
+    for k in (0.6, 1.6, 2.6):
+        out = lensing.resample_source_stamp(src, k).numpy()[0]
+        want = gauss(c + (x0 - c) / k, c + (y0 - c) / k, 6.0 / k, 4.0 / k)
+        assert np.max(np.abs(out - want)) < 0.015, (k, np.max(np.abs(out - want)))
+    # per-image factors, and the rendered surface brightness is unchanged (eq. 17 with k s);
+    # rendering interpolates a second time, on the shrunken galaxy, so a wider one (10 x 8 px,
+    # 3.1 px wide at k = 2.6: ~1.3 % per interpolation) and a 3 % tolerance
+    src = gauss(x0, y0, 10.0, 8.0)[None]
+    pair = lensing.resample_source_stamp(np.concatenate([src, src]), [1.6, 2.6]).numpy()
+    rng = np.random.default_rng(3)
+    b1, b2 = rng.uniform(-1.5, 1.5, (2, 1, 10, 20))
+    ref = lensing.source_surface_brightness(src, b1, b2, 0.1, -0.2, 1.8, 1.0).numpy()
+    for i, k in enumerate((1.6, 2.6)):
+        got = lensing.source_surface_brightness(pair[i:i + 1], b1, b2, 0.1, -0.2, 1.8 * k,
+                                                1.0).numpy()
+        assert np.max(np.abs(got - ref)) < 0.03, (k, np.max(np.abs(got - ref)))
+    with pytest.raises(TfhybridInputError, match="factor"):
+        lensing.resample_source_stamp(src, 0.0)
+    with pytest.raises(TfhybridInputError, match="rank 3"):
+        lensing.resample_source_stamp(src[0], 2.0)
+
+
 def test_ray_trace_is_theta_minus_deflections():
     from tfhybrid.physics import lens_profiles as lp
 

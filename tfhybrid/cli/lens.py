@@ -55,6 +55,9 @@ def register(subparsers) -> None:
                            help="global search: starts per system on a 4x coarser grid "
                                 "(0: none, start from prior medians and draws)")
             p.add_argument("--coarse-steps", type=int, default=500)
+            p.add_argument("--scale-jumps", type=float, nargs="*", default=[0.6, 1.6, 2.6],
+                           help="source-scale factors tried after the search (s -> k s with "
+                                "the source redrawn; none: off)")
             p.add_argument("--newton-iter", type=int, default=3,
                            help="damped Newton iterations with the full Hessian after Adam")
             p.set_defaults(func=run_fit)
@@ -152,7 +155,7 @@ def run_fit(args) -> int:
     fit = fit_map(posterior, num_starts=args.starts, method=args.method, num_steps=args.steps,
                   seed=args.seed, progress=not args.no_progress,
                   coarse_starts=args.coarse_starts, coarse_steps=args.coarse_steps,
-                  newton_iter=args.newton_iter)
+                  scale_jumps=args.scale_jumps, newton_iter=args.newton_iter)
     summary = write_fit_outputs(args.out, posterior, fit, mocks, labels=labels)
     chi2 = ", ".join(f"{c:.3f}" for c in summary["chi2_per_pixel"])
     print(f"MAP of {len(labels)} system(s) in {fit.wall_time_s:.1f} s; chi2/pixel {chi2}; "

@@ -21,7 +21,7 @@ import tensorflow_probability as tfp
 from tfhybrid.inference.map import MapResult, find_map
 from tfhybrid.inference.mcmc import PosteriorResult, sample_posterior
 from tfhybrid.lens.model import STATE_NAMES, LensPosterior
-from tfhybrid.physics.lensing import PARAM_NAMES
+from tfhybrid.physics.lensing import PARAM_NAMES, resample_source_stamp
 from tfhybrid.validation import TfhybridInputError
 
 tfb = tfp.bijectors
@@ -31,6 +31,8 @@ __all__ = [
     "LensSamples",
     "fit_map",
     "coarse_posterior",
+    "scale_jump_candidates",
+    "source_scale_jumps",
     "laplace_hessian",
     "laplace_whitening",
     "newton_polish",
@@ -76,6 +78,9 @@ class LensMap:
     wall_time_s : seconds spent in the optimiser (all stages).
     hessian : (S, D, D) Hessian of −log p in unconstrained space at the estimate, when
         :func:`newton_polish` ran (``newton_iter > 0``); :func:`sample_lens_posterior` reuses it.
+    scale_jump : (S,) source-scale factor of the winning :func:`source_scale_jumps` candidate
+        (1.0 where the optimiser's own best start won), when the jumps ran.
+    jump_gain : (S,) log p gained by the jumps (0 where none won), when they ran.
     """
 
     params: dict
@@ -85,6 +90,8 @@ class LensMap:
     result: MapResult
     wall_time_s: float
     hessian: np.ndarray | None = None
+    scale_jump: np.ndarray | None = None
+    jump_gain: np.ndarray | None = None
 
     def state(self) -> list[tf.Tensor]:
         """State parts (constrained), each with leading axis ``S``."""
@@ -96,8 +103,14 @@ class LensMap:
     def message(self) -> str:
         """The optimiser's message, plus the Newton polish's outcome when it ran."""
         msg = self.result.message if self.result is not None else ""
+        jump_gain = np.zeros(len(self.log_prob)) if self.jump_gain is None else self.jump_gain
+        if self.scale_jump is not None:
+            won = np.flatnonzero(self.scale_jump != 1.0)
+            msg += (f"; source-scale jumps won in {len(won)}/{len(self.log_prob)} system(s)"
+                    + (f" {won.tolist()} (factors {np.round(self.scale_jump[won], 2).tolist()},"
+                       f" log p +{np.round(jump_gain[won], 1).tolist()})" if len(won) else ""))
         if self.hessian is not None and self.result is not None:
-            gain = self.log_prob - np.asarray(self.result.log_prob).reshape(
+            gain = self.log_prob - jump_gain - np.asarray(self.result.log_prob).reshape(
                 -1, len(self.log_prob)).max(0)
             msg += (f"; Newton polish: log p raised by {np.min(gain):.3g} to {np.max(gain):.3g}"
                     f" over {len(gain)} system(s)")
@@ -168,6 +181,103 @@ def coarse_posterior(posterior: LensPosterior, factor: int = 4,
                          posterior.prior)
 
 
+def _prior_upper(posterior: LensPosterior, name: str) -> float:
+    high = getattr(posterior.parameter_prior().model[name], "high", None)
+    return np.inf if high is None else float(high)
+
+
+def _fit_latent(posterior: LensPosterior, images, z_init, num_steps: int) -> tf.Tensor:
+    """MAP latents of peak-normalised source images under the VAE's decoder σ and p(z).
+
+    :meth:`GalaxyVAE.fit_latent` restated on the interface :class:`LensPosterior` needs
+    (``source_images`` and ``latent_prior``): Adam in the prior's whitened coordinates, from the
+    encoder's means when the source model has an encoder, else from ``z_init``.
+    """
+    vae = posterior.vae
+    sigma = float(getattr(vae, "decoder_sigma", 0.02))
+    prior = posterior.latent_prior
+    whiten = tfb.Shift(prior.loc)(tfb.ScaleMatvecTriL(prior.scale_tril))
+    if hasattr(vae, "encode"):
+        z_init = vae.encode(images)[0]
+    w = tf.Variable(whiten.inverse(tf.cast(z_init, tf.float32)))
+
+    def loss():
+        z = whiten.forward(w)
+        resid = (images - tf.cast(posterior.source_images(z), tf.float32)) / sigma
+        return 0.5 * tf.reduce_sum(resid * resid) - tf.reduce_sum(prior.log_prob(z))
+
+    # the rate decays tenfold: at a constant 0.05 Adam jitters by a few 0.01 around the optimum
+    lr = keras.optimizers.schedules.PolynomialDecay(0.05, max(1, num_steps), 0.005)
+    tfp.math.minimize(loss, num_steps, keras.optimizers.Adam(lr), trainable_variables=[w])
+    return whiten.forward(tf.convert_to_tensor(w))
+
+
+def scale_jump_candidates(posterior: LensPosterior, state, factors=(0.6, 1.6, 2.6),
+                          latent_steps: int = 300) -> list[tf.Tensor]:
+    """Starting points of :func:`source_scale_jumps`: ``state`` with its source at scale ``k s``.
+
+    For each factor ``k``, the current source ``d(z)`` is redrawn on a stamp ``k`` times wider
+    (:func:`tfhybrid.physics.lensing.resample_source_stamp`, so the lensed image is kept up to
+    interpolation), its latent refitted as :meth:`GalaxyVAE.fit_latent` does (peak-normalised,
+    the decoder's σ, ``latent_steps`` Adam steps), ``ι`` multiplied by the peak and ``s`` by
+    ``k`` (both kept inside the prior's support); the lens parameters are unchanged.
+    ``state``: constrained state parts with leading axis ``S``. Returns state parts with
+    leading shape ``(len(factors), S)``.
+    """
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if factors.size == 0 or not np.all(np.isfinite(factors) & (factors > 0)):
+        raise TfhybridInputError(f"factors must be finite and > 0; got {factors!r}")
+    state = [tf.convert_to_tensor(x, tf.float32) for x in state]
+    n_k, n_sys = len(factors), int(state[0].shape[0])
+    source = tf.cast(posterior.source_images(state[-1]), tf.float32)  # (S, n, n)
+    tiled = tf.reshape(tf.tile(source[None], [n_k, 1, 1, 1]), [-1] + source.shape[1:].as_list())
+    zoomed = resample_source_stamp(tiled, np.repeat(factors, n_sys))  # (K S, n, n)
+    peak = tf.maximum(tf.reduce_max(zoomed, axis=[1, 2]), 1e-6)
+    z_init = tf.reshape(tf.tile(state[-1][None], [n_k, 1, 1]), [n_k * n_sys, -1])
+    z_new = _fit_latent(posterior, zoomed / peak[:, None, None], z_init, int(latent_steps))
+    z_new = tf.reshape(z_new, [n_k, n_sys, -1])
+    peak = tf.reshape(peak, [n_k, n_sys])
+    k = tf.constant(factors, tf.float32)[:, None]
+    cand = []
+    for name, part in zip(PARAM_NAMES, state[:-1], strict=True):
+        v = tf.broadcast_to(part[None], [n_k, n_sys])
+        if name == "s":
+            v = tf.minimum(v * k, 0.98 * _prior_upper(posterior, "s"))
+        elif name == "iota":
+            v = tf.minimum(v * peak, 0.98 * _prior_upper(posterior, "iota"))
+        cand.append(v)
+    return cand + [z_new]
+
+
+def source_scale_jumps(posterior: LensPosterior, state, factors=(0.6, 1.6, 2.6),
+                       num_steps: int = 1000, method: str = "adam", learning_rate=None,
+                       jit_compile: bool = True, rtol: float = 1e-6, progress: bool = False,
+                       latent_steps: int = 300) -> MapResult:
+    """Jumps between source-scale modes: the same source refitted at scale ``k s`` for each k.
+
+    The source's physical size is set twice, by ``s`` (eq. 17's stamp half-side) and by the
+    galaxy's extent on the VAE stamp, and the optimiser, started from the latent prior's mean
+    galaxy, settles in one of several modes along the valley where ``s`` and the galaxy's
+    extent trade off: on a 10-mock study, in two systems the optimum near the true ``s`` (2.5×
+    the MAP's) has a log posterior higher by 370–600 nats, which no local step reaches (``s``
+    and all of ``z`` must move together); with jumps by 0.6, 1.6 and 2.6 the MAP's log p rose
+    in 7 of 10 systems, by 8–405 nats. A jump keeps the lensed image and
+    moves along that valley in one go (:func:`scale_jump_candidates`); every candidate of
+    every system is then refined by ``num_steps`` steps of ``method`` on the full posterior,
+    in one batched :func:`find_map`.
+
+    ``state``: constrained state parts with leading axis ``S`` (e.g. :meth:`LensMap.state`).
+    Returns the engine's :class:`MapResult` over the ``(len(factors), S)`` candidates.
+    """
+    cand = scale_jump_candidates(posterior, state, factors, latent_steps)
+    lr = _default_learning_rate(num_steps) if learning_rate is None else learning_rate
+    return find_map(
+        posterior.target_log_prob, cand, bijectors=posterior.bijectors(), method=method,
+        num_steps=int(num_steps), learning_rate=lr, rtol=rtol, progress=progress,
+        jit_compile=jit_compile,
+    )
+
+
 def fit_map(
     posterior: LensPosterior,
     num_starts: int = 2,
@@ -182,6 +292,8 @@ def fit_map(
     coarse_starts: int = 16,
     coarse_steps: int = 500,
     coarse_factor: int = 4,
+    scale_jumps=(0.6, 1.6, 2.6),
+    jump_steps: int | None = None,
     newton_iter: int = 3,
 ) -> LensMap:
     """MAP estimate (eq. 26) of every system, multi-start, in one batched graph.
@@ -207,6 +319,12 @@ def fit_map(
         parameters' posterior is multimodal (a wrong Einstein radius or lens centre can fit
         part of the arcs); at 1/16 of the cost per start, the coarse stage explores many more
         basins than full-resolution starts could.
+    scale_jumps : source-scale factors of :func:`source_scale_jumps`, run after the optimiser
+        from each system's best start when the global search ran (not with ``initial_state``;
+        ``()`` turns them off): a candidate replaces the estimate where its log p is higher.
+        On the 10-mock study a jump won in 7 of 10 systems, raising log p by 8–405 nats
+        (2 150 in all), for ~15 s per system.
+    jump_steps : optimiser steps of each jump candidate (default ``num_steps // 2``).
     newton_iter : damped Newton iterations with the full Hessian after the optimiser
         (:func:`newton_polish`), which converge the poorly constrained directions that Adam
         leaves short of the mode; the last Hessian is kept in :attr:`LensMap.hessian`.
@@ -217,8 +335,12 @@ def fit_map(
         raise TfhybridInputError(f"posterior must be a LensPosterior; got {type(posterior)}")
     if not isinstance(coarse_starts, int | np.integer) or coarse_starts < 0:
         raise TfhybridInputError(f"coarse_starts must be an int >= 0; got {coarse_starts!r}")
+    scale_jumps = () if scale_jumps is None else tuple(np.ravel(scale_jumps).tolist())
+    if not all(np.isfinite(k) and k > 0 for k in scale_jumps):
+        raise TfhybridInputError(f"scale_jumps must be factors > 0; got {scale_jumps!r}")
+    global_search = coarse_starts > 0 and initial_state is None
     t_coarse = time.perf_counter()
-    if coarse_starts > 0 and initial_state is None:
+    if global_search:
         if coarse_starts < num_starts:
             raise TfhybridInputError(
                 f"coarse_starts ({coarse_starts}) must be >= num_starts ({num_starts})"
@@ -259,6 +381,26 @@ def fit_map(
         params[name] = arr[best, cols]
     z = np.asarray(res.state[-1], dtype=np.float32).reshape(lp.shape + (-1,))[best, cols]
     fit = LensMap(params, z, lp[best, cols], best, res, wall)
+    if global_search and len(scale_jumps) > 0:
+        t1 = time.perf_counter()
+        steps = max(1, num_steps // 2) if jump_steps is None else int(jump_steps)
+        res_j = source_scale_jumps(posterior, fit.state(), scale_jumps, num_steps=steps,
+                                   method=method, jit_compile=jit_compile, rtol=rtol,
+                                   progress=progress)
+        lp_j = np.asarray(res_j.log_prob).reshape(len(scale_jumps), -1)
+        lp_j = np.where(np.isfinite(lp_j), lp_j, -np.inf)
+        best_j = np.argmax(lp_j, axis=0)
+        win = lp_j[best_j, cols] > fit.log_prob
+        jumped = [np.asarray(p).reshape(lp_j.shape + np.shape(p)[2:])[best_j, cols]
+                  for p in res_j.state]
+        for name, part in zip(PARAM_NAMES, jumped[:-1], strict=True):
+            fit.params[name] = np.where(win, part.astype(np.float64), fit.params[name])
+        fit.z = np.where(win[:, None], jumped[-1].astype(np.float32), fit.z)
+        fit.jump_gain = np.where(win, lp_j[best_j, cols] - fit.log_prob, 0.0)
+        fit.log_prob = np.where(win, lp_j[best_j, cols], fit.log_prob)
+        fit.scale_jump = np.where(win, np.asarray(scale_jumps, np.float64)[best_j], 1.0)
+        wall += time.perf_counter() - t1
+        fit.wall_time_s = wall
     if newton_iter > 0:
         t1 = time.perf_counter()
         parts, lp_best, hess = newton_polish(posterior, fit.state(), num_iter=newton_iter)
@@ -266,7 +408,7 @@ def fit_map(
             {name: np.asarray(p, dtype=np.float64) for name, p in
              zip(PARAM_NAMES, parts[:-1], strict=True)},
             np.asarray(parts[-1], dtype=np.float32), lp_best, best, res,
-            wall + time.perf_counter() - t1, hess,
+            wall + time.perf_counter() - t1, hess, fit.scale_jump, fit.jump_gain,
         )
     return fit
 
@@ -307,7 +449,9 @@ def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, log_det: bool =
     one system).
     """
 
-    @tf.function
+    # no tensor-dependent Python control flow: AutoGraph has nothing to convert (and warned
+    # that it could not read this closure's source)
+    @tf.function(autograph=False)
     def fn(x):
         with tf.GradientTape() as tape:
             tape.watch(x)

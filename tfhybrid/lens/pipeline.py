@@ -73,6 +73,7 @@ def _map_dict(fit: LensMap) -> dict:
         z=np.asarray(fit.z).tolist(),
         log_prob=np.asarray(fit.log_prob).tolist(),
         best_start=np.asarray(fit.best_start).tolist(),
+        scale_jump=None if fit.scale_jump is None else np.asarray(fit.scale_jump).tolist(),
         converged=np.asarray(fit.result.converged).tolist(),
         message=fit.message,
         num_steps=int(fit.result.num_steps),

@@ -111,6 +111,7 @@ __all__ = [
     "ray_trace_core",
     "source_surface_brightness",
     "source_surface_brightness_core",
+    "resample_source_stamp",
     "simulate_lensed_image",
     "noise_sigma",
     "add_noise",
@@ -327,6 +328,36 @@ def source_surface_brightness_core(
     col = ((beta1 - c1) / s_ + 1.0) * (0.5 * nx_s) - 0.5
     row = ((beta2 - c2) / s_ + 1.0) * (0.5 * ny_s) - 0.5
     return iota_ * interpolation.bilinear_interpolate_core(source, col, row, mode)
+
+
+def resample_source_stamp(source, factor) -> tf.Tensor:
+    """The source image of eq. 17 redrawn on a stamp ``factor`` times wider, same galaxy.
+
+    ``source`` ``(batch, ny_s, nx_s)`` spans ``theta_src ± s`` (see the module's conventions);
+    the result spans ``theta_src ± factor * s`` with the same pixel count, so that rendering it
+    with scale ``factor * s`` gives the same surface brightness ``d((beta - theta_src) / s)``:
+    new pixel ``j`` samples old pixel coordinate ``c + factor (j - c)``, ``c = (n - 1) / 2``, by
+    bilinear interpolation, zero beyond the old stamp. ``factor > 1`` shrinks the galaxy on the
+    stamp (and loses resolution), ``factor < 1`` enlarges it (and may crop it). ``factor``:
+    scalar or ``(batch,)``, > 0. Used by the MAP search to move between source-scale modes
+    (:func:`tfhybrid.lens.fit.source_scale_jumps`).
+    """
+    source = tf.convert_to_tensor(source)
+    if source.shape.rank != 3:
+        raise TfhybridInputError(
+            f"source must have rank 3 (batch, ny_s, nx_s); got shape {tuple(source.shape)}"
+        )
+    fac = np.asarray(factor, dtype=np.float64)
+    if not np.all(np.isfinite(fac) & (fac > 0)):
+        raise TfhybridInputError(f"factor must be finite and > 0; got {factor!r}")
+    ny_s, nx_s = int(source.shape[-2]), int(source.shape[-1])
+    k = tf.reshape(tf.broadcast_to(tf.constant(fac, source.dtype), tf.shape(source)[:1]),
+                   [-1, 1, 1])
+    rows = tf.range(ny_s, dtype=source.dtype)[:, None] - 0.5 * (ny_s - 1)
+    cols = tf.range(nx_s, dtype=source.dtype)[None, :] - 0.5 * (nx_s - 1)
+    row = 0.5 * (ny_s - 1) + k * rows + 0.0 * cols
+    col = 0.5 * (nx_s - 1) + k * cols + 0.0 * rows
+    return interpolation.bilinear_interpolate_core(source, col, row, "grid-constant")
 
 
 def _downsample(image: tf.Tensor, factor: int) -> tf.Tensor:
