@@ -5,7 +5,8 @@ Target: :class:`tfhybrid.lens.model.LensPosterior` (eq. 26) of paper-size 256 x 
 
 * **MAP pipeline** (the number to compare with the paper's 20 min): the wall time of
   :func:`tfhybrid.lens.fit.fit_map` with its defaults on one system (coarse search, 2 x 1500
-  full-resolution Adam steps with XLA, 3 Newton iterations), MEASURED end to end in a fresh
+  full-resolution Adam steps with XLA, source-scale jumps 3 x 750 steps, 3 Newton
+  iterations), MEASURED end to end in a fresh
   call (tracing and XLA compilation included), with the stage breakdown.
 * **Adam step**: seconds per step of :func:`tfhybrid.inference.map.find_map` as fit_map calls it
   (bijectors, default schedule), XLA off and on: the median of the compiled chunks after the
@@ -103,10 +104,10 @@ def pipeline_times(posterior, num_starts=2, num_steps=1500, coarse_starts=16,
               for k, p in zip(PARAM_NAMES, parts[:-1], strict=True)}
     polished = LensMap(params,
                        np.asarray(parts[-1], np.float32), lp, fit.best_start, fit.result,
-                       search + newton, hess)
+                       search + newton, hess, fit.scale_jump, fit.jump_gain)
     return {
         f"coarse search {coarse_starts} x {coarse_steps} + Adam {num_starts} x {num_steps} "
-        "(XLA)": search,
+        f"(XLA) + source-scale jumps 3 x {num_steps // 2}": search,
         f"Newton polish, {newton_iter} iterations (Hessians included)": newton,
         "MAP total (fresh call: tracing and compilation included)": search + newton,
     }, polished
