@@ -6,8 +6,8 @@ shipped VAE source model:
 
 1. one batched MAP over all systems (:func:`tfhybrid.lens.fit.fit_map`): a global search with
    ``--coarse-starts`` starts per system on a 4x coarser grid, the ``--num-starts`` best refined
-   by Adam at full resolution, then ``--newton-iter`` damped Newton iterations with the full
-   Hessian;
+   by Adam at full resolution, jumps between source-scale modes (``fit_map``'s default
+   ``scale_jumps``), then ``--newton-iter`` damped Newton iterations with the full Hessian;
 2. HMC from the MAP, all systems in one batched chain, in coordinates whitened by the Hessian
    at the MAP (``--num-burnin`` warm-up draws discarded, then ``--num-results`` draws; the
    paper uses 50 + 500).
