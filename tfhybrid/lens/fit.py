@@ -22,6 +22,7 @@ from tfhybrid.inference.map import MapResult, find_map
 from tfhybrid.inference.mcmc import PosteriorResult, sample_posterior
 from tfhybrid.lens.model import STATE_NAMES, LensPosterior
 from tfhybrid.physics.lensing import PARAM_NAMES, resample_source_stamp
+from tfhybrid.priors.vae import fit_latent_map
 from tfhybrid.validation import TfhybridInputError
 
 tfb = tfp.bijectors
@@ -187,29 +188,16 @@ def _prior_upper(posterior: LensPosterior, name: str) -> float:
 
 
 def _fit_latent(posterior: LensPosterior, images, z_init, num_steps: int) -> tf.Tensor:
-    """MAP latents of peak-normalised source images under the VAE's decoder σ and p(z).
-
-    :meth:`GalaxyVAE.fit_latent` restated on the interface :class:`LensPosterior` needs
-    (``source_images`` and ``latent_prior``): Adam in the prior's whitened coordinates, from the
-    encoder's means when the source model has an encoder, else from ``z_init``.
-    """
+    """MAP latents of peak-normalised source images (the decoder's σ, p(z)), as the VAE's
+    ``fit_latent`` computes them, on any source model :class:`LensPosterior` accepts: from the
+    encoder's means when it has an encoder, else from ``z_init``."""
     vae = posterior.vae
-    sigma = float(getattr(vae, "decoder_sigma", 0.02))
-    prior = posterior.latent_prior
-    whiten = tfb.Shift(prior.loc)(tfb.ScaleMatvecTriL(prior.scale_tril))
     if hasattr(vae, "encode"):
         z_init = vae.encode(images)[0]
-    w = tf.Variable(whiten.inverse(tf.cast(z_init, tf.float32)))
-
-    def loss():
-        z = whiten.forward(w)
-        resid = (images - tf.cast(posterior.source_images(z), tf.float32)) / sigma
-        return 0.5 * tf.reduce_sum(resid * resid) - tf.reduce_sum(prior.log_prob(z))
-
     # the rate decays tenfold: at a constant 0.05 Adam jitters by a few 0.01 around the optimum
     lr = keras.optimizers.schedules.PolynomialDecay(0.05, max(1, num_steps), 0.005)
-    tfp.math.minimize(loss, num_steps, keras.optimizers.Adam(lr), trainable_variables=[w])
-    return whiten.forward(tf.convert_to_tensor(w))
+    return fit_latent_map(posterior.source_images, posterior.latent_prior, images,
+                          float(getattr(vae, "decoder_sigma", 0.02)), z_init, num_steps, lr)
 
 
 def scale_jump_candidates(posterior: LensPosterior, state, factors=(0.6, 1.6, 2.6),
@@ -391,8 +379,7 @@ def fit_map(
         lp_j = np.where(np.isfinite(lp_j), lp_j, -np.inf)
         best_j = np.argmax(lp_j, axis=0)
         win = lp_j[best_j, cols] > fit.log_prob
-        jumped = [np.asarray(p).reshape(lp_j.shape + np.shape(p)[2:])[best_j, cols]
-                  for p in res_j.state]
+        jumped = [np.asarray(p)[best_j, cols] for p in res_j.state]  # (K, S, ...) → (S, ...)
         for name, part in zip(PARAM_NAMES, jumped[:-1], strict=True):
             fit.params[name] = np.where(win, part.astype(np.float64), fit.params[name])
         fit.z = np.where(win[:, None], jumped[-1].astype(np.float32), fit.z)

@@ -353,10 +353,10 @@ def resample_source_stamp(source, factor) -> tf.Tensor:
     ny_s, nx_s = int(source.shape[-2]), int(source.shape[-1])
     k = tf.reshape(tf.broadcast_to(tf.constant(fac, source.dtype), tf.shape(source)[:1]),
                    [-1, 1, 1])
-    rows = tf.range(ny_s, dtype=source.dtype)[:, None] - 0.5 * (ny_s - 1)
-    cols = tf.range(nx_s, dtype=source.dtype)[None, :] - 0.5 * (nx_s - 1)
-    row = 0.5 * (ny_s - 1) + k * rows + 0.0 * cols
-    col = 0.5 * (nx_s - 1) + k * cols + 0.0 * rows
+    rows, cols = tf.meshgrid(tf.range(ny_s, dtype=source.dtype) - 0.5 * (ny_s - 1),
+                             tf.range(nx_s, dtype=source.dtype) - 0.5 * (nx_s - 1), indexing="ij")
+    row = 0.5 * (ny_s - 1) + k * rows
+    col = 0.5 * (nx_s - 1) + k * cols
     return interpolation.bilinear_interpolate_core(source, col, row, "grid-constant")
 
 

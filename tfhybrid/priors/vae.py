@@ -257,6 +257,37 @@ def fit_latent_prior(encoded_means, covariance_factor: float = 9.0):
 
 
 # =========================================================================== validation
+def fit_latent_map(decode, latent_prior, images, noise_sigma, z_init, num_steps: int,
+                   learning_rate=0.05, use_prior: bool = True) -> tf.Tensor:
+    """argmax_z log N(x | decode(z), σ) + log p(z) for a batch of images (unvalidated core).
+
+    ``decode``: ``(batch, latent_dim)`` → ``(batch, ny, nx)``; ``images`` ``(batch, ny, nx)``;
+    ``noise_sigma`` scalar or ``(batch,)``; ``z_init`` ``(batch, latent_dim)``;
+    ``learning_rate`` a float or a Keras schedule. Adam (``num_steps`` steps) runs in the
+    prior's whitened coordinates w, z = loc + L w, where every direction has unit prior width
+    whatever the fitted covariance. Used by :meth:`GalaxyVAE.fit_latent` and by the lens fit's
+    source-scale jumps (on any source model with ``decode`` and ``latent_prior``).
+    """
+    x = tf.cast(images, tf.float32)
+    sigma = tf.broadcast_to(tf.cast(noise_sigma, tf.float32), tf.shape(x)[:1])
+    inv_var = (1.0 / sigma**2)[:, None, None]
+    whiten = tfb.Shift(latent_prior.loc)(tfb.ScaleMatvecTriL(latent_prior.scale_tril))
+    w = tf.Variable(whiten.inverse(tf.cast(z_init, tf.float32)))
+
+    def loss():
+        z = whiten.forward(w)
+        resid = x - tf.cast(decode(z), tf.float32)
+        nll = 0.5 * tf.reduce_sum(resid * resid * inv_var)
+        if use_prior:
+            nll = nll - tf.reduce_sum(latent_prior.log_prob(z))
+        return nll
+
+    tfp.math.minimize(
+        loss, int(num_steps), keras.optimizers.Adam(learning_rate), trainable_variables=[w]
+    )
+    return whiten.forward(tf.convert_to_tensor(w))
+
+
 def check_images(name: str, images, allow_single: bool = True) -> np.ndarray:
     """Validate peak-normalised galaxy images; return a float32 (batch, 64, 64) array."""
     arr = np.asarray(images)
@@ -617,25 +648,10 @@ class GalaxyVAE(keras.Model):
             raise TfhybridInputError(f"noise_sigma must be finite and > 0; got {noise_sigma!r}")
         if not isinstance(num_steps, int | np.integer) or num_steps < 1:
             raise TfhybridInputError(f"num_steps must be a positive int; got {num_steps!r}")
-        inv_var = tf.constant(1.0 / sigma.astype(np.float32) ** 2)[:, None, None]
-        # Adam runs in the prior's whitened coordinates w, z = loc + L w, where every direction
-        # has unit prior width whatever the fitted covariance.
-        prior = self.latent_prior
-        whiten = tfb.Shift(prior.loc)(tfb.ScaleMatvecTriL(prior.scale_tril))
-        w = tf.Variable(whiten.inverse(self._encode(x)[0]))
-
-        def loss():
-            z = whiten.forward(w)
-            resid = x - self._decode(z, training=False)
-            nll = 0.5 * tf.reduce_sum(resid * resid * inv_var)
-            if use_prior:
-                nll = nll - tf.reduce_sum(prior.log_prob(z))
-            return nll
-
-        tfp.math.minimize(
-            loss, int(num_steps), keras.optimizers.Adam(learning_rate), trainable_variables=[w]
+        return fit_latent_map(
+            lambda z: self._decode(z, training=False), self.latent_prior, x, sigma,
+            self._encode(x)[0], int(num_steps), learning_rate, use_prior,
         )
-        return whiten.forward(tf.convert_to_tensor(w))
 
     def encoded_means(self, images, batch_size: int = 256) -> np.ndarray:
         """mu_e(x) for many images, in batches; (n, 64, 64) -> (n, latent_dim) float32 numpy."""
