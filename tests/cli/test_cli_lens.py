@@ -35,7 +35,12 @@ def test_mock_fit_sample_report(tmp_path, capsys):
     assert main(["lens", "sample", "--mock", str(mock), "--map", str(fit_dir / "map.json"),
                  "--num-results", "6", "--num-burnin", "0", "--out", str(fit_dir),
                  "--no-progress"]) == 0
-    assert "HMC: 6 draws" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "HMC: 6 draws" in out
+    # 6 draws cannot reach an ESS of 100: the run says its intervals are unreliable
+    assert "warning: ESS < 100" in out and "mock_000" in out
+    summary = json.loads((fit_dir / "summary.json").read_text())
+    assert summary["low_ess_systems"] == [0] and np.shape(summary["ess"]["r_ein"]) == (1,)
     with np.load(fit_dir / "samples.npz") as s:
         assert s["r_ein"].shape == (6, 1, 1) and np.all(np.isfinite(s["r_ein"]))
     for name in ("posterior.nc", "fig_posterior.png", "table.txt", "summary.json"):

@@ -334,3 +334,24 @@ def test_equivalent_truth_folds_phi_by_pi_only():
     assert np.all(np.abs(folded - est) <= np.pi / 2)
     # a non-periodic parameter is never moved, however far the estimate
     np.testing.assert_array_equal(equivalent_truth("r_ein", t, est + 10.0), t)
+
+
+def test_samples_ess_flags_poorly_mixed_systems():
+    from tfhybrid.lens.fit import LensSamples
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    iid = rng.normal(size=n)
+    ar = np.zeros(n)  # AR(1) with rho = 0.98: ESS ≈ n (1 - rho) / (1 + rho) ≈ 10
+    for i in range(1, n):
+        ar[i] = 0.98 * ar[i - 1] + np.sqrt(1 - 0.98**2) * rng.normal()
+    draws = np.stack([iid, ar], axis=-1)[:, None, :]  # (R, 1 chain, 2 systems)
+    params = {k: draws + j for j, k in enumerate(PARAM_NAMES)}
+    samples = LensSamples(params, np.zeros((n, 1, 2, 8)), None)
+    ess = samples.ess()
+    assert set(ess) == {"r_ein", "gamma", "phi", "q"} and ess["r_ein"].shape == (2,)
+    # iid: ESS ≈ n (the estimator's spread at n = 1000 is ~10 %); AR(1): ≈ 10, well below 100
+    assert 0.7 * n < ess["r_ein"][0] < 1.4 * n, ess
+    assert ess["r_ein"][1] < 40, ess
+    assert samples.low_ess_systems() == [1]
+    assert samples.low_ess_systems(threshold=5.0) == []

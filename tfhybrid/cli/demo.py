@@ -46,6 +46,7 @@ def run(args) -> int:
         f"posterior {mean['r_ein']:.4f}±{sd['r_ein']:.4f}; gamma true {t['gamma']:.3f} "
         f"MAP {m['gamma']:.3f} posterior {mean['gamma']:.3f}±{sd['gamma']:.3f}; "
         f"chi2/pix {s['chi2_per_pixel']:.3f}; MAP {s['map_wall_time_s']:.0f} s, "
-        f"HMC {s['hmc_wall_time_s']:.0f} s -> {args.out}/"
+        f"HMC {s['hmc_wall_time_s']:.0f} s (ESS r_Ein {s['hmc']['ess']['r_ein']:.0f}, "
+        f"gamma {s['hmc']['ess']['gamma']:.0f}) -> {args.out}/"
     )
     return 0

@@ -195,6 +195,12 @@ def run_sample(args) -> int:
           f"{summary['wall_time_s']:.1f} s; acceptance {summary['acceptance_rate']:.2f}, "
           f"min ESS {summary['min_ess']:.0f}, max R-hat {summary['max_r_hat']:.3f} "
           f"-> {args.out}/")
+    low = summary["low_ess_systems"]
+    if low:
+        names = [labels[i] for i in low]
+        print(f"warning: ESS < 100 for r_ein, gamma, phi or q in {len(low)} system(s) {names}: "
+              "their posterior means, widths and intervals are unreliable; draw more "
+              "(--num-results) or run more chains (--chains)")
     return 0
 
 

@@ -139,6 +139,22 @@ class LensSamples:
     def std(self) -> dict:
         return {k: v.reshape(-1, v.shape[-1]).std(0, ddof=1) for k, v in self.params.items()}
 
+    def ess(self, names=("r_ein", "gamma", "phi", "q")) -> dict:
+        """Effective sample size of each parameter per system: name → (S,), summed over chains
+        (:func:`tfhybrid.inference.diagnostics.effective_sample_size`)."""
+        from tfhybrid.inference.diagnostics import effective_sample_size
+
+        return {k: np.asarray(effective_sample_size(self.params[k]), dtype=np.float64)
+                for k in names}
+
+    def low_ess_systems(self, threshold: float = 100.0,
+                        names=("r_ein", "gamma", "phi", "q")) -> list[int]:
+        """Systems where any of ``names`` has an ESS below ``threshold``: their means, widths
+        and intervals rest on too few independent draws to be trusted (on the 10-mock study,
+        500 draws gave ESS 1–324 for these parameters, below 100 in 8 of 10 systems)."""
+        ess = np.min(np.stack(list(self.ess(names).values())), axis=0)
+        return np.flatnonzero(ess < threshold).tolist()
+
     def interval(self, probability: float = 0.68) -> dict:
         """Central credible interval per parameter: name → ((S,) low, (S,) high)."""
         lo, hi = 50.0 * (1.0 - probability), 50.0 * (1.0 + probability)

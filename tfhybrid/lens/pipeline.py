@@ -199,6 +199,8 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
         num_gradient_evaluations=res.num_gradient_evaluations,
         mean={k: v.tolist() for k, v in samples.mean().items()},
         std={k: v.tolist() for k, v in samples.std().items()},
+        ess={k: v.tolist() for k, v in samples.ess().items()},
+        low_ess_systems=samples.low_ess_systems(),
     )
     if fit is not None:
         rows = parameter_table(truth, fit, samples)
@@ -252,7 +254,8 @@ def run_demo(out_dir, seed: int = 0, map_steps: int = 1500, num_results: int = 1
         hmc_wall_time_s=post_summary["wall_time_s"],
         total_wall_time_s=time.perf_counter() - t0,
         hmc=dict((k, post_summary[k]) for k in ("acceptance_rate", "num_divergences",
-                                                 "min_ess", "max_r_hat")),
+                                                 "min_ess", "max_r_hat"))
+        | dict(ess={k: v[0] for k, v in post_summary["ess"].items()}),
     )
     write_json_atomic(out / "demo_summary.json", summary)
     return summary
