@@ -192,6 +192,7 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
                                   display_names=_DISPLAY)
     savefig_atomic(fig, out / "fig_posterior.png", dpi=90)
     diag = res.diagnostics
+    ess = samples.ess()
     summary = dict(
         kernel=res.kernel, wall_time_s=res.wall_time_s, acceptance_rate=diag["acceptance_rate"],
         num_divergences=diag["num_divergences"], min_ess=diag["min_ess"],
@@ -199,8 +200,8 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
         num_gradient_evaluations=res.num_gradient_evaluations,
         mean={k: v.tolist() for k, v in samples.mean().items()},
         std={k: v.tolist() for k, v in samples.std().items()},
-        ess={k: v.tolist() for k, v in samples.ess().items()},
-        low_ess_systems=samples.low_ess_systems(),
+        ess={k: v.tolist() for k, v in ess.items()},
+        low_ess_systems=samples.low_ess_systems(ess=ess),
     )
     if fit is not None:
         rows = parameter_table(truth, fit, samples)
