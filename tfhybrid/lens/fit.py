@@ -102,7 +102,8 @@ class LensMap:
 
     @property
     def message(self) -> str:
-        """The optimiser's message, plus the Newton polish's outcome when it ran."""
+        """The optimiser's message, plus the source-scale jumps' and the Newton polish's
+        outcomes when they ran."""
         msg = self.result.message if self.result is not None else ""
         jump_gain = np.zeros(len(self.log_prob)) if self.jump_gain is None else self.jump_gain
         if self.scale_jump is not None:

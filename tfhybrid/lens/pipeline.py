@@ -198,7 +198,7 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
         num_divergences=diag["num_divergences"], min_ess=diag["min_ess"],
         max_r_hat=diag["max_r_hat"], step_size=float(np.asarray(res.step_size).ravel()[0]),
         num_gradient_evaluations=res.num_gradient_evaluations,
-        mean={k: v.tolist() for k, v in samples.mean().items()},
+        mean={k: v.tolist() for k, v in mean.items()},
         std={k: v.tolist() for k, v in samples.std().items()},
         ess={k: v.tolist() for k, v in ess.items()},
         low_ess_systems=samples.low_ess_systems(ess=ess),
