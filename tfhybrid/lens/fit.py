@@ -114,8 +114,8 @@ class LensMap:
         if self.hessian is not None and self.result is not None:
             gain = self.log_prob - jump_gain - np.asarray(self.result.log_prob).reshape(
                 -1, len(self.log_prob)).max(0)
-            msg += (f"; Newton polish: log p raised by {np.min(gain):.3g} to {np.max(gain):.3g}"
-                    f" over {len(gain)} system(s)")
+            msg += (f"; Newton + whitened L-BFGS polish: log p raised by {np.min(gain):.3g} to "
+                    f"{np.max(gain):.3g} over {len(gain)} system(s)")
         return msg
 
 
@@ -302,6 +302,7 @@ def fit_map(
     scale_jumps=(0.6, 1.6, 2.6),
     jump_steps: int | None = None,
     newton_iter: int = 3,
+    lbfgs_iter: int = 200,
 ) -> LensMap:
     """MAP estimate (eq. 26) of every system, multi-start, in one batched graph.
 
@@ -334,7 +335,10 @@ def fit_map(
     jump_steps : optimiser steps of each jump candidate (default ``num_steps // 2``).
     newton_iter : damped Newton iterations with the full Hessian after the optimiser
         (:func:`newton_polish`), which converge the poorly constrained directions that Adam
-        leaves short of the mode; the last Hessian is kept in :attr:`LensMap.hessian`.
+        leaves short of the mode, then ``lbfgs_iter`` L-BFGS iterations in coordinates whitened
+        by that Hessian, which follow the posterior's curved ridges (see :func:`newton_polish`);
+        the last Hessian is kept in :attr:`LensMap.hessian`.
+    lbfgs_iter : the polish's whitened L-BFGS iterations (0: Newton only).
     """
     import time
 
@@ -409,7 +413,8 @@ def fit_map(
         fit.wall_time_s = wall
     if newton_iter > 0:
         t1 = time.perf_counter()
-        parts, lp_best, hess = newton_polish(posterior, fit.state(), num_iter=newton_iter)
+        parts, lp_best, hess = newton_polish(posterior, fit.state(), num_iter=newton_iter,
+                                             lbfgs_iter=lbfgs_iter)
         fit = LensMap(
             {name: np.asarray(p, dtype=np.float64) for name, p in
              zip(PARAM_NAMES, parts[:-1], strict=True)},
@@ -499,7 +504,8 @@ def laplace_hessian(posterior: LensPosterior, state, eps: float = 1e-3,
     return _hessian_at(_log_prob_and_grad(posterior, bijs, u, sizes), flat, eps, chunk_size)
 
 
-def newton_polish(posterior: LensPosterior, state, num_iter: int = 3, rel_floor: float = 1e-6):
+def newton_polish(posterior: LensPosterior, state, num_iter: int = 3, rel_floor: float = 1e-6,
+                  lbfgs_iter: int = 200):
     """Damped Newton steps on eq. 26 in unconstrained space, from ``state`` (e.g. Adam's MAP).
 
     Adam stops short of the mode along the poorly constrained directions (r_Ein–γ–s–z); each
@@ -510,6 +516,15 @@ def newton_polish(posterior: LensPosterior, state, num_iter: int = 3, rel_floor:
     is linear rather than quadratic; a few iterations still close most of the gap Adam leaves.
     It maximises eq. 26 itself (no log-Jacobian), like the optimiser before it, so the result
     is the MAP of the constrained parameters and its log p compares with Adam's.
+
+    Then up to ``lbfgs_iter`` L-BFGS iterations (``tfp.optimizer.lbfgs_minimize``, batched over
+    systems) in coordinates whitened by the last Hessian (:func:`laplace_whitening`). The
+    posterior's ridges (lens slope and radius against the source's scale, brightness and shape)
+    are curved: Newton steps, which model them as straight, stall, while L-BFGS, starting from
+    well-scaled coordinates, follows them. On the 10-mock study this raised log p by a further
+    up to 330 nats (more than 75 nats in 4 systems; ~70 s for 10 systems) and cut the median
+    γ error from 1.1 % to 0.4 %; HMC had found those higher regions when started from the
+    Newton result. A system keeps its Newton result where L-BFGS does not raise log p.
     Returns ``(state, log_prob, hessian)``: constrained state parts with leading axis ``S``, the
     (S,) log posterior there, and the Hessian at the returned point, ready for
     :func:`sample_lens_posterior` (it lacks the log-Jacobian's curvature, a ~1e-5 relative
@@ -555,8 +570,35 @@ def newton_polish(posterior: LensPosterior, state, num_iter: int = 3, rel_floor:
         if not accepted.any():
             break
         hess = hessian(x)
+    if int(lbfgs_iter) > 0:
+        x_l = _whitened_lbfgs(fn, x, laplace_whitening(hess, rel_floor), int(lbfgs_iter))
+        lp_l = log_prob(x_l)
+        better = np.isfinite(lp_l) & (lp_l > lp)
+        if better.any():
+            x[better], lp[better] = x_l[better], lp_l[better]
+            hess = hessian(x)
     parts, _ = _unflatten(posterior, bijs, u, sizes, tf.constant(x, tf.float32))
     return parts, lp, hess
+
+
+def _whitened_lbfgs(fn, x: np.ndarray, amat: np.ndarray, max_iterations: int) -> np.ndarray:
+    """Maximise ``fn``'s log p by L-BFGS over ``w``, with ``x + A w`` (per system); flat ``(S, D)``.
+
+    The systems are independent problems of one batched ``lbfgs_minimize`` call; a system whose
+    line search fails keeps its last point.
+    """
+    x0 = tf.constant(x, tf.float32)
+    a = tf.constant(amat, tf.float32)
+
+    def neg_log_prob_and_grad(w):
+        lp, g = fn(x0 + tf.einsum("sij,sj->si", a, w))
+        return -lp, -tf.einsum("sij,si->sj", a, g)
+
+    res = tfp.optimizer.lbfgs_minimize(
+        neg_log_prob_and_grad, tf.zeros_like(x0), max_iterations=max_iterations,
+        num_correction_pairs=20, tolerance=1e-8,
+    )
+    return (x0 + tf.einsum("sij,sj->si", a, res.position)).numpy().astype(np.float64)
 
 
 def laplace_whitening(hess: np.ndarray, rel_floor: float = 1e-6) -> np.ndarray:
