@@ -26,7 +26,7 @@ def test_mock_fit_sample_report(tmp_path, capsys):
     mock = mock_dir / "mock_000.fits"
     assert main(["lens", "fit", "--mock", str(mock), "--steps", "30", "--starts", "1",
                  "--coarse-starts", "3", "--coarse-steps", "20", "--newton-iter", "1",
-                 "--out", str(fit_dir), "--no-progress"]) == 0
+                 "--lbfgs-iter", "5", "--out", str(fit_dir), "--no-progress"]) == 0
     assert "MAP of 1 system" in capsys.readouterr().out
     data = json.loads((fit_dir / "map.json").read_text())
     assert np.isfinite(data["log_prob"][0]) and len(data["z"][0]) == 64
@@ -62,6 +62,10 @@ def test_bad_input_one_line_no_output(tmp_path, capsys):
     assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--starts", "4",
                  "--coarse-starts", "2", "--out", str(tmp_path / "f")]) == 2
     assert "--coarse-starts (2) must be 0 or >= --starts (4)" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
+    assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--lbfgs-iter", "-1",
+                 "--out", str(tmp_path / "f")]) == 2
+    assert "--lbfgs-iter must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
     assert main(["demo", "--map-steps", "0", "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()

@@ -59,7 +59,11 @@ def register(subparsers) -> None:
                            help="source-scale factors tried after the search (s -> k s with "
                                 "the source redrawn; none: off)")
             p.add_argument("--newton-iter", type=int, default=3,
-                           help="damped Newton iterations with the full Hessian after Adam")
+                           help="damped Newton iterations with the full Hessian after Adam "
+                                "(0: no polish)")
+            p.add_argument("--lbfgs-iter", type=int, default=200,
+                           help="L-BFGS iterations after the Newton iterations, in coordinates "
+                                "whitened by the Hessian (0: none)")
             p.set_defaults(func=run_fit)
         else:
             p.add_argument("--map", required=True, help="map.json of tfhybrid lens fit")
@@ -146,8 +150,9 @@ def run_fit(args) -> int:
 
     _positive("--steps", args.steps)
     _positive("--starts", args.starts)
-    if args.coarse_starts < 0 or args.newton_iter < 0:
-        raise _error("--coarse-starts and --newton-iter must be >= 0")
+    if args.coarse_starts < 0 or args.newton_iter < 0 or args.lbfgs_iter < 0:
+        raise _error("--coarse-starts, --newton-iter and --lbfgs-iter must be >= 0; got "
+                     f"{args.coarse_starts}, {args.newton_iter}, {args.lbfgs_iter}")
     if args.coarse_starts and args.coarse_starts < args.starts:
         raise _error(f"--coarse-starts ({args.coarse_starts}) must be 0 or >= --starts "
                      f"({args.starts})")
@@ -155,7 +160,8 @@ def run_fit(args) -> int:
     fit = fit_map(posterior, num_starts=args.starts, method=args.method, num_steps=args.steps,
                   seed=args.seed, progress=not args.no_progress,
                   coarse_starts=args.coarse_starts, coarse_steps=args.coarse_steps,
-                  scale_jumps=args.scale_jumps, newton_iter=args.newton_iter)
+                  scale_jumps=args.scale_jumps, newton_iter=args.newton_iter,
+                  lbfgs_iter=args.lbfgs_iter)
     summary = write_fit_outputs(args.out, posterior, fit, mocks, labels=labels)
     chi2 = ", ".join(f"{c:.3f}" for c in summary["chi2_per_pixel"])
     print(f"MAP of {len(labels)} system(s) in {fit.wall_time_s:.1f} s; chi2/pixel {chi2}; "

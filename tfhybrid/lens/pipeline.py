@@ -221,8 +221,8 @@ def run_demo(out_dir, seed: int = 0, map_steps: int = 1500, num_results: int = 1
 
     One held-out simulated galaxy lensed by a prior-drawn SPLE + shear lens at the paper's high
     S/N (σ = 0.0333), fitted with the shipped VAE source model: a coarse-grid global search
-    (``coarse_starts``), multi-start Adam MAP at full resolution and ``newton_iter`` Newton
-    steps, then
+    (``coarse_starts``), multi-start Adam MAP at full resolution, ``newton_iter`` Newton
+    steps and whitened L-BFGS (:func:`tfhybrid.lens.fit.newton_polish`), then
     ``num_burnin`` adaptation steps and ``num_results`` HMC draws from the MAP. Writes the mock
     FITS, the MAP and posterior outputs and ``demo_summary.json``; returns the summary.
     """
