@@ -380,3 +380,9 @@ def test_samples_ess_flags_poorly_mixed_systems():
     assert ess["r_ein"][1] < 40, ess
     assert samples.low_ess_systems() == [1]
     assert samples.low_ess_systems(threshold=5.0) == []
+    # a chain that never moved (every proposal rejected) has no defined ESS: it is listed
+    stuck = np.concatenate([draws, np.ones((n, 1, 1))], axis=-1)
+    samples = LensSamples({k: stuck + j for j, k in enumerate(PARAM_NAMES)},
+                          np.zeros((n, 1, 3, 8)), None)
+    assert not np.isfinite(samples.ess()["r_ein"][2])
+    assert samples.low_ess_systems(threshold=5.0) == [2]
