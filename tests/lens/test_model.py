@@ -192,6 +192,9 @@ def test_bad_input(vae, problem):
         LensPosterior(problem["observed"], SIGMA, object(), CONFIG)
     with pytest.raises(TfhybridInputError, match="shear_std"):
         LensPriorConfig(shear_std=0.0)
+    post = LensPosterior(problem["observed"], SIGMA, vae, CONFIG)
+    with pytest.raises(TfhybridInputError, match="lbfgs_iter must be an int >= 0"):
+        fit_map(post, lbfgs_iter=-1, progress=False)
 
 
 def test_coarse_posterior_bins_data_and_matches_binned_model(vae, problem):
