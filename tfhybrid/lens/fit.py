@@ -591,7 +591,10 @@ def _whitened_lbfgs(fn, x: np.ndarray, amat: np.ndarray, max_iterations: int) ->
     """Maximise ``fn``'s log p by L-BFGS over ``w``, with ``x + A w`` (per system); flat ``(S, D)``.
 
     The systems are independent problems of one batched ``lbfgs_minimize`` call; a system whose
-    line search fails keeps its last point.
+    line search fails keeps its last point. ``fn`` is the polish's compiled value-and-gradient
+    function, reused here: :func:`tfhybrid.inference.map.find_map`'s L-BFGS would trace the
+    posterior again inside its own graph, which made the Newton-polish test 4x slower
+    (67 s instead of 16 s).
     """
     x0 = tf.constant(x, tf.float32)
     a = tf.constant(amat, tf.float32)
