@@ -23,6 +23,7 @@ def test_mock_fit_sample_report(tmp_path, capsys):
                  "--out", str(mock_dir)]) == 0
     out = capsys.readouterr().out
     assert "wrote 1 mock system" in out and "high" in out
+    assert "images of each source: " in out
     mock = mock_dir / "mock_000.fits"
     assert main(["lens", "fit", "--mock", str(mock), "--steps", "30", "--starts", "1",
                  "--coarse-starts", "3", "--coarse-steps", "20", "--newton-iter", "1",
@@ -53,6 +54,9 @@ def test_bad_input_one_line_no_output(tmp_path, capsys):
     assert main(["lens", "mock", "--n", "0", "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert "--n must be >= 1" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+    assert main(["lens", "mock", "--min-images", "-1", "--out", str(tmp_path / "m")]) == 2
+    assert "--min-images must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
     assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"),
                  "--out", str(tmp_path / "f")]) == 2

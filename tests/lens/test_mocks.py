@@ -8,6 +8,7 @@ from tfhybrid.lens.mocks import (
     FITS_KEYS,
     held_out_sources,
     make_mocks,
+    mock_image_counts,
     read_mock_fits,
     rescale_to_central_third,
     write_mock_fits,
@@ -90,6 +91,26 @@ def test_mocks_are_consistent_and_round_trip(tmp_path):
     assert back.config == SMALL
     with pytest.raises(TfhybridInputError, match="exists"):
         write_mock_fits(mocks, tmp_path)
+
+
+def test_min_images_keeps_only_multiply_imaged_systems():
+    """The same draws without the selection include singly imaged systems (so the selection
+    has work to do); with min_images=2 every source centroid has 2-5 images, and the systems
+    that were already strong lenses keep their parameters."""
+    yy, xx = np.mgrid[:64, :64]
+    sources = np.repeat(np.exp(-0.5 * ((xx - 31.5) ** 2 + (yy - 31.5) ** 2) / 16.0)[None], 6, 0)
+    sources = sources.astype(np.float32)
+    kw = dict(seed=4, config=SMALL, sources=sources, noise_levels=("medium",))
+    free = make_mocks(6, **kw)
+    strong = make_mocks(6, min_images=2, **kw)
+    n_free = mock_image_counts(free.params, sources, SMALL)
+    n_strong = mock_image_counts(strong.params, sources, SMALL)
+    assert (n_free == 1).any() and (n_free >= 2).any()
+    assert np.all((n_strong >= 2) & (n_strong <= 5))
+    kept = n_free >= 2
+    np.testing.assert_array_equal(strong.params["r_ein"][kept], free.params["r_ein"][kept])
+    with pytest.raises(TfhybridInputError, match="min_images"):
+        make_mocks(1, config=SMALL, sources=sources[:1], min_images=-1)
 
 
 def test_bad_mock_inputs(tmp_path):

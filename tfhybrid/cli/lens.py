@@ -31,6 +31,9 @@ def register(subparsers) -> None:
                    help="noise levels (preset names or sigmas)")
     p.add_argument("--min-snr", type=float, default=0.0,
                    help="redraw lenses whose S/N at the last level is below this")
+    p.add_argument("--min-images", type=int, default=0,
+                   help="redraw lenses while the source has fewer images than this (2: strong "
+                        "lenses only; singly imaged sources barely constrain r_Ein)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run_mock)
@@ -95,17 +98,22 @@ def _positive(flag: str, value) -> None:
 
 
 def run_mock(args) -> int:
-    from tfhybrid.lens.mocks import make_mocks, write_mock_fits
+    from tfhybrid.lens.mocks import make_mocks, mock_image_counts, write_mock_fits
 
     _positive("--n", args.n)
+    if args.min_images < 0:
+        raise _error(f"--min-images must be >= 0; got {args.min_images}")
     levels = [lv if lv in ("low", "medium", "high") else float(lv) for lv in args.levels]
     out = Path(args.out)
     existing = [p for p in (out / f"mock_{i:03d}.fits" for i in range(args.n)) if p.exists()]
     if existing and not args.overwrite:
         raise _error(f"{existing[0]} exists; pass --overwrite to replace it")
-    mocks = make_mocks(args.n, seed=args.seed, noise_levels=levels, min_snr_high=args.min_snr)
+    mocks = make_mocks(args.n, seed=args.seed, noise_levels=levels, min_snr_high=args.min_snr,
+                       min_images=args.min_images)
     paths = write_mock_fits(mocks, out, overwrite=True)
     print(mocks.snr_table())
+    counts = mock_image_counts(mocks.params, mocks.sources, mocks.config)
+    print("images of each source: " + " ".join(str(int(k)) for k in counts))
     print(f"wrote {len(paths)} mock system(s) to {out}/")
     return 0
 

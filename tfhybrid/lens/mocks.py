@@ -47,8 +47,10 @@ from tfhybrid.physics.lensing import (
     PARAM_NAMES,
     LensingConfig,
     add_noise,
+    count_images,
     signal_to_noise,
     simulate_lensed_image,
+    source_light_centroid,
 )
 from tfhybrid.validation import TfhybridInputError
 
@@ -59,6 +61,7 @@ __all__ = [
     "held_out_sources",
     "rescale_to_central_third",
     "make_mocks",
+    "mock_image_counts",
     "write_mock_fits",
     "read_mock_fits",
 ]
@@ -191,6 +194,19 @@ def held_out_sources(n: int, seed: int = 0, stamp_size: int = 128,
     )
 
 
+def mock_image_counts(params, sources, config: LensingConfig | None = None) -> np.ndarray:
+    """Images of each source's light centroid in the field (``(S,)`` int).
+
+    :func:`tfhybrid.physics.lensing.count_images` at
+    :func:`tfhybrid.physics.lensing.source_light_centroid` of ``sources`` ``(S, ny, nx)``
+    placed by ``params`` (the 12 parameters, ``(S,)`` each). 1: the source is not multiply
+    imaged; 2-5: a strong lens (double, quad, with a central image for γ < 2).
+    """
+    config = LensingConfig() if config is None else config
+    beta1, beta2 = source_light_centroid(sources, params)
+    return count_images(params, beta1, beta2, config)
+
+
 def make_mocks(
     n: int = 1,
     seed: int = 0,
@@ -199,6 +215,7 @@ def make_mocks(
     prior: LensPriorConfig | None = None,
     sources: np.ndarray | None = None,
     min_snr_high: float = 0.0,
+    min_images: int = 0,
 ) -> MockSystems:
     """Section 5.1 mocks: held-out sources, prior-drawn parameters, three noise levels.
 
@@ -212,6 +229,12 @@ def make_mocks(
     sources : (n, 64, 64) source images to use instead of :func:`held_out_sources`.
     min_snr_high : redraw a system's parameters (up to 20 times) while its S/N at the LAST
         noise level is below this (0: keep every draw).
+    min_images : redraw a system's parameters (in the same loop) while the light centroid of
+        its source has fewer images than this in the field (:func:`mock_image_counts`); 2
+        keeps only multiply imaged, i.e. strongly lensed, systems, as a lens sample selected
+        on its arcs would be (0 or 1: keep every draw). With the paper's priors about half of
+        the draws are singly imaged: the lens centre's prior (N(0, 0.5″) per axis) often puts
+        the source outside the caustics.
     """
     config = LensingConfig() if config is None else config
     if sources is None:
@@ -233,9 +256,13 @@ def make_mocks(
              prior_jd.sample(n, seed=(int(seed), 101)).items()}
     noiseless = simulate_lensed_image(sources, draws, config).numpy()
     last = list(sigmas)[-1]
-    for attempt in range(20 if min_snr_high > 0 else 0):
+    if not isinstance(min_images, int | np.integer) or min_images < 0:
+        raise TfhybridInputError(f"min_images must be an int >= 0; got {min_images!r}")
+    for attempt in range(20 if min_snr_high > 0 or min_images > 1 else 0):
         snr_last, _ = signal_to_noise(noiseless, sigmas[last], config.pixel_scale_arcsec)
         bad = np.atleast_1d(snr_last) < min_snr_high
+        if min_images > 1:
+            bad |= mock_image_counts(draws, sources, config) < min_images
         if not bad.any():
             break
         redraw = {k: v.numpy().astype(np.float64) for k, v in
