@@ -11,7 +11,13 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfhybrid.lens.fit import fit_map, parameter_table, sample_lens_posterior
+from tfhybrid.lens.fit import (
+    LensSamples,
+    coverage,
+    fit_map,
+    parameter_table,
+    sample_lens_posterior,
+)
 from tfhybrid.lens.model import STATE_NAMES, LensPosterior, LensPriorConfig, parameter_prior
 from tfhybrid.physics.lensing import PARAM_NAMES, LensingConfig, simulate_lensed_image
 from tfhybrid.validation import TfhybridInputError
@@ -165,7 +171,10 @@ def test_map_recovers_truth_on_self_consistent_mock(vae, problem):
     )
     assert chi2 < 1.1, chi2  # residuals at the noise level
     rows = parameter_table({k: [v] for k, v in TRUTH.items()}, fit)
-    assert {r["parameter"] for r in rows} >= {"r_ein", "gamma", "phi"}
+    assert {r["parameter"] for r in rows} >= {"r_ein", "theta_e", "gamma", "phi"}
+    row = next(r for r in rows if r["parameter"] == "theta_e")
+    assert row["map"] == pytest.approx(np.sqrt(est["q"][0]) * est["r_ein"][0], rel=1e-6)
+    assert row["true"] == pytest.approx(np.sqrt(TRUTH["q"]) * TRUTH["r_ein"], rel=1e-12)
 
     # a short HMC run from the MAP stays around it and brackets the truth
     samples = sample_lens_posterior(
@@ -389,3 +398,19 @@ def test_samples_ess_flags_poorly_mixed_systems():
                           np.zeros((n, 1, 3, 8)), None)
     assert not np.isfinite(samples.ess()["r_ein"][2])
     assert samples.low_ess_systems(threshold=5.0) == [2]
+
+
+def test_coverage_and_summaries_include_the_circularised_einstein_radius():
+    """Draws whose r_Ein is 10 % high and q low by the matching factor: θ_E = sqrt(q) r_Ein is
+    right, so its interval covers the truth while r_Ein's misses it."""
+    rng = np.random.default_rng(0)
+    n, s = 400, 3
+    r = 1.1 * (1 + 0.001 * rng.standard_normal((n, 1, s)))
+    q = 0.64 / 1.1**2 * (1 + 0.001 * rng.standard_normal((n, 1, s)))
+    samples = LensSamples({"r_ein": r, "q": q}, np.zeros((n, 1, s, 2)), None)
+    truth = {"r_ein": np.ones(s), "q": np.full(s, 0.64)}
+    cov = coverage(truth, samples, 0.68, names=("r_ein", "theta_e"))
+    assert cov == {"r_ein": 0.0, "theta_e": 1.0}
+    np.testing.assert_allclose(samples.mean()["theta_e"], 0.8, rtol=2e-3)
+    assert samples.std()["theta_e"].shape == (s,)
+    assert samples.ess(("theta_e",))["theta_e"].shape == (s,)

@@ -43,7 +43,9 @@ def run(args) -> int:
     mean, sd = s["posterior_mean"], s["posterior_std"]
     print(
         f"demo: S/N {s['snr']:.0f}; r_Ein true {t['r_ein']:.4f} MAP {m['r_ein']:.4f} "
-        f"posterior {mean['r_ein']:.4f}±{sd['r_ein']:.4f}; gamma true {t['gamma']:.3f} "
+        f"posterior {mean['r_ein']:.4f}±{sd['r_ein']:.4f}; theta_E = sqrt(q) r_Ein true "
+        f"{t['theta_e']:.4f} MAP {m['theta_e']:.4f} posterior "
+        f"{mean['theta_e']:.4f}±{sd['theta_e']:.4f}; gamma true {t['gamma']:.3f} "
         f"MAP {m['gamma']:.3f} posterior {mean['gamma']:.3f}±{sd['gamma']:.3f}; "
         f"chi2/pix {s['chi2_per_pixel']:.3f}; MAP {s['map_wall_time_s']:.0f} s, "
         f"HMC {s['hmc_wall_time_s']:.0f} s (ESS r_Ein {s['hmc']['ess']['r_ein']:.0f}, "

@@ -21,6 +21,7 @@ import tensorflow_probability as tfp
 from tfhybrid.inference.map import MapResult, find_map
 from tfhybrid.inference.mcmc import PosteriorResult, sample_posterior
 from tfhybrid.lens.model import STATE_NAMES, LensPosterior
+from tfhybrid.physics.lens_profiles import circularised_einstein_radius
 from tfhybrid.physics.lensing import PARAM_NAMES, resample_source_stamp
 from tfhybrid.priors.vae import fit_latent_map
 from tfhybrid.validation import TfhybridInputError
@@ -41,6 +42,7 @@ __all__ = [
     "parameter_table",
     "coverage",
     "equivalent_truth",
+    "with_derived",
     "format_table",
 ]
 
@@ -63,6 +65,24 @@ def equivalent_truth(name: str, truth, reference):
         return truth
     reference = np.asarray(reference, dtype=np.float64)
     return truth + period * np.round((reference - truth) / period)
+
+
+#: Derived parameters added by :func:`with_derived`: the circularised Einstein radius.
+DERIVED_PARAMS = ("theta_e",)
+
+
+def with_derived(params: dict) -> dict:
+    """``params`` plus ``theta_e = sqrt(q) r_ein`` (arcsec,
+    :func:`tfhybrid.physics.lens_profiles.circularised_einstein_radius`) when both are present.
+
+    The multiply imaged arcs fix the area of the critical curve, so ``theta_e`` is the Einstein
+    radius the data measure; the paper's major-axis ``r_ein`` inherits ``q``'s uncertainty.
+    Arrays of any shape (MAP ``(S,)``, draws ``(n, chains, S)``); ``params`` is not modified.
+    """
+    out = dict(params)
+    if "r_ein" in params and "q" in params:
+        out["theta_e"] = circularised_einstein_radius(params["r_ein"], params["q"])
+    return out
 
 
 @dataclass
@@ -135,17 +155,21 @@ class LensSamples:
     result: PosteriorResult
 
     def mean(self) -> dict:
-        return {k: v.reshape(-1, v.shape[-1]).mean(0) for k, v in self.params.items()}
+        """Posterior mean of each parameter and of the derived ``theta_e``: name → (S,)."""
+        return {k: v.reshape(-1, v.shape[-1]).mean(0) for k, v in with_derived(self.params).items()}
 
     def std(self) -> dict:
-        return {k: v.reshape(-1, v.shape[-1]).std(0, ddof=1) for k, v in self.params.items()}
+        """Posterior standard deviation, as :meth:`mean`."""
+        return {k: v.reshape(-1, v.shape[-1]).std(0, ddof=1)
+                for k, v in with_derived(self.params).items()}
 
     def ess(self, names=("r_ein", "gamma", "phi", "q")) -> dict:
         """Effective sample size of each parameter per system: name → (S,), summed over chains
         (:func:`tfhybrid.inference.diagnostics.effective_sample_size`)."""
         from tfhybrid.inference.diagnostics import effective_sample_size
 
-        return {k: np.asarray(effective_sample_size(self.params[k]), dtype=np.float64)
+        params = with_derived(self.params)
+        return {k: np.asarray(effective_sample_size(params[k]), dtype=np.float64)
                 for k in names}
 
     def low_ess_systems(self, threshold: float = 100.0, names=("r_ein", "gamma", "phi", "q"),
@@ -161,12 +185,12 @@ class LensSamples:
         return np.flatnonzero(low).tolist()
 
     def interval(self, probability: float = 0.68) -> dict:
-        """Central credible interval per parameter: name → ((S,) low, (S,) high)."""
+        """Central credible interval of each parameter and theta_e: name → ((S,) low, (S,) high)."""
         lo, hi = 50.0 * (1.0 - probability), 50.0 * (1.0 + probability)
         return {
             k: (np.percentile(v.reshape(-1, v.shape[-1]), lo, axis=0),
                 np.percentile(v.reshape(-1, v.shape[-1]), hi, axis=0))
-            for k, v in self.params.items()
+            for k, v in with_derived(self.params).items()
         }
 
 
@@ -709,9 +733,11 @@ def sample_lens_posterior(
 
 
 def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | None = None,
-                    names=("r_ein", "gamma", "phi", "q", "gamma1", "gamma2",
+                    names=("r_ein", "theta_e", "gamma", "phi", "q", "gamma1", "gamma2",
                            "theta_lens1", "theta_lens2")) -> list[dict]:
     """Rows (one per system and parameter): true, MAP, posterior mean ± std, per cent errors.
+
+    ``names`` may include the derived ``theta_e`` (:func:`with_derived`).
 
     ``error_map_pct`` = 100 (MAP − true) / |true|; ``bias_sigma`` = (mean − true) / std. For
     φ, "true" is the equivalent value φ_true + kπ nearest the estimate
@@ -721,9 +747,11 @@ def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | Non
     mean = samples.mean() if samples is not None else None
     std = samples.std() if samples is not None else None
     n = len(fit.log_prob)
+    fit_params = with_derived(fit.params)
+    truth = None if truth is None else with_derived(truth)
     for i in range(n):
         for name in names:
-            row = dict(system=i, parameter=name, map=float(fit.params[name][i]))
+            row = dict(system=i, parameter=name, map=float(fit_params[name][i]))
             if truth is not None:
                 ref = mean[name][i] if mean is not None else row["map"]
                 t = float(equivalent_truth(name, np.asarray(truth[name])[i], ref))
@@ -741,11 +769,13 @@ def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | Non
 
 
 def coverage(truth: dict, samples: LensSamples, probability: float = 0.68,
-             names=("r_ein", "gamma", "phi", "q")) -> dict:
+             names=("r_ein", "theta_e", "gamma", "phi", "q")) -> dict:
     """Fraction of systems whose central ``probability`` interval contains the truth, per name.
 
-    φ's truth is taken on the branch (φ_true + kπ) nearest the posterior mean.
+    φ's truth is taken on the branch (φ_true + kπ) nearest the posterior mean; ``theta_e`` is
+    derived (:func:`with_derived`).
     """
+    truth = with_derived(truth)
     intervals = samples.interval(probability)
     mean = samples.mean()
     out = {}

@@ -30,6 +30,7 @@ from tfhybrid.lens.fit import (
     format_table,
     parameter_table,
     sample_lens_posterior,
+    with_derived,
 )
 from tfhybrid.lens.mocks import MockSystems, make_mocks, write_mock_fits
 from tfhybrid.lens.model import LensPosterior
@@ -154,7 +155,7 @@ def samples_to_arviz(samples: LensSamples):
     def cd(x):
         return np.swapaxes(np.asarray(x), 0, 1)  # (draw, chain, ...) -> (chain, draw, ...)
 
-    posterior = {k: cd(v) for k, v in samples.params.items()}
+    posterior = {k: cd(v) for k, v in with_derived(samples.params).items()}  # + theta_e
     posterior["z"] = cd(samples.z)
     trace = samples.result.trace
     stats = {}
@@ -162,7 +163,7 @@ def samples_to_arviz(samples: LensSamples):
                       ("target_log_prob", "lp")):
         if key in trace and np.ndim(trace[key]) >= 2:
             stats[name] = cd(trace[key])
-    dims = {k: ["system"] for k in samples.params} | {"z": ["system", "latent"]}
+    dims = {k: ["system"] for k in posterior if k != "z"} | {"z": ["system", "latent"]}
     dims |= {k: ["system"] for k in stats if np.ndim(stats[k]) == 3}
     return az.from_dict(posterior=posterior, sample_stats=stats, dims=dims)
 
@@ -243,10 +244,12 @@ def run_demo(out_dir, seed: int = 0, map_steps: int = 1500, num_results: int = 1
                                     num_burnin=num_burnin, seed=seed, progress=progress,
                                     checkpoint_dir=out / "hmc_chunks")
     post_summary = write_sample_outputs(out, samples, fit, mocks.params, labels=[label])
-    truth = {k: float(mocks.params[k][0]) for k in PARAM_NAMES}
+    truth = {k: float(v) for k, v in
+             with_derived({k: mocks.params[k][0] for k in PARAM_NAMES}).items()}
     summary = dict(
         truth=truth,
-        map={k: float(fit.params[k][0]) for k in PARAM_NAMES},
+        map={k: float(v) for k, v in
+             with_derived({k: fit.params[k][0] for k in PARAM_NAMES}).items()},
         posterior_mean={k: v[0] for k, v in post_summary["mean"].items()},
         posterior_std={k: v[0] for k, v in post_summary["std"].items()},
         snr=float(mocks.snr["high"][0]),

@@ -81,6 +81,7 @@ __all__ = [
     "external_shear_deflection",
     "paper_to_lenstronomy",
     "lenstronomy_to_paper",
+    "circularised_einstein_radius",
     "epl_num_terms",
     "epl_deflection_major_axis",
     "sie_deflection_major_axis",
@@ -470,6 +471,19 @@ def spl_deflection_core(x, y, r_ein, gamma, q, phi, x0, y0, table):
 # ----------------------------------------------------------------------------------------------
 # Parameter converters
 # ----------------------------------------------------------------------------------------------
+def circularised_einstein_radius(r_ein, q):
+    """Circularised Einstein radius ``θ_E = sqrt(q) r_Ein`` (arcsec) of the SPLE of eq. 11.
+
+    The paper's ``r_Ein`` is measured along the major axis; ``θ_E`` is the intermediate-axis
+    (geometric-mean) radius that lenstronomy calls ``theta_E``. For γ = 2 (the SIE) the
+    tangential critical curve is the ellipse of semi-axes ``θ_E / sqrt(q)`` and ``θ_E sqrt(q)``
+    and encloses the area ``π θ_E²``. Multiple images pin down that area, so ``θ_E`` is
+    measured far better than ``r_Ein``, which trades off against ``q`` (on the lens mock study
+    the MAP's ``θ_E`` was within 1 % in 8/10 systems, ``r_Ein`` in 2/10). NumPy in, NumPy out.
+    """
+    return np.sqrt(np.asarray(q, dtype=np.float64)) * np.asarray(r_ein, dtype=np.float64)
+
+
 def paper_to_lenstronomy(r_ein, gamma, q, phi, x0=0.0, y0=0.0, gamma1=0.0, gamma2=0.0) -> dict:
     """Convert the paper's lens parameters to lenstronomy's ``EPL`` + ``SHEAR`` keywords.
 
@@ -482,7 +496,7 @@ def paper_to_lenstronomy(r_ein, gamma, q, phi, x0=0.0, y0=0.0, gamma1=0.0, gamma
     phi = np.asarray(phi, dtype=np.float64)
     e = (1.0 - q) / (1.0 + q)
     return {
-        "theta_E": np.sqrt(q) * np.asarray(r_ein, dtype=np.float64),
+        "theta_E": circularised_einstein_radius(r_ein, q),
         "gamma": np.asarray(gamma, dtype=np.float64),
         "e1": e * np.cos(2.0 * phi),
         "e2": e * np.sin(2.0 * phi),
