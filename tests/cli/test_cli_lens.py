@@ -71,5 +71,9 @@ def test_bad_input_one_line_no_output(tmp_path, capsys):
                  "--out", str(tmp_path / "f")]) == 2
     assert "--lbfgs-iter must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
+    assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--lbfgs-cycles", "-2",
+                 "--out", str(tmp_path / "f")]) == 2
+    assert "--lbfgs-cycles must be >= 0; got -2" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
     assert main(["demo", "--map-steps", "0", "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()

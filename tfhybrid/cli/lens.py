@@ -67,6 +67,9 @@ def register(subparsers) -> None:
             p.add_argument("--lbfgs-iter", type=int, default=200,
                            help="L-BFGS iterations after the Newton iterations, in coordinates "
                                 "whitened by the Hessian (0: none)")
+            p.add_argument("--lbfgs-cycles", type=int, default=3,
+                           help="at most this many L-BFGS runs, each re-whitened where the "
+                                "last stopped, until no system gains 1 nat")
             p.set_defaults(func=run_fit)
         else:
             p.add_argument("--map", required=True, help="map.json of tfhybrid lens fit")
@@ -158,9 +161,10 @@ def run_fit(args) -> int:
 
     _positive("--steps", args.steps)
     _positive("--starts", args.starts)
-    if args.coarse_starts < 0 or args.newton_iter < 0 or args.lbfgs_iter < 0:
-        raise _error("--coarse-starts, --newton-iter and --lbfgs-iter must be >= 0; got "
-                     f"{args.coarse_starts}, {args.newton_iter}, {args.lbfgs_iter}")
+    for flag in ("coarse_starts", "newton_iter", "lbfgs_iter", "lbfgs_cycles"):
+        if getattr(args, flag) < 0:
+            name = "--" + flag.replace("_", "-")
+            raise _error(f"{name} must be >= 0; got {getattr(args, flag)}")
     if args.coarse_starts and args.coarse_starts < args.starts:
         raise _error(f"--coarse-starts ({args.coarse_starts}) must be 0 or >= --starts "
                      f"({args.starts})")
@@ -169,7 +173,7 @@ def run_fit(args) -> int:
                   seed=args.seed, progress=not args.no_progress,
                   coarse_starts=args.coarse_starts, coarse_steps=args.coarse_steps,
                   scale_jumps=args.scale_jumps, newton_iter=args.newton_iter,
-                  lbfgs_iter=args.lbfgs_iter)
+                  lbfgs_iter=args.lbfgs_iter, lbfgs_cycles=args.lbfgs_cycles)
     summary = write_fit_outputs(args.out, posterior, fit, mocks, labels=labels)
     chi2 = ", ".join(f"{c:.3f}" for c in summary["chi2_per_pixel"])
     print(f"MAP of {len(labels)} system(s) in {fit.wall_time_s:.1f} s; chi2/pixel {chi2}; "
