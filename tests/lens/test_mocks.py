@@ -128,3 +128,14 @@ def test_bad_mock_inputs(tmp_path):
     trunc.write_bytes(b"SIMPLE  =                    T" + b" " * 50)
     with pytest.raises(TfhybridInputError):
         read_mock_fits(trunc)
+
+
+def test_selection_that_cannot_be_met_warns():
+    """No SPLE + shear images a point six times (at most five), so the selection fails after
+    20 redraws: the mocks are kept and the failing systems are named."""
+    yy, xx = np.mgrid[:64, :64]
+    src = np.exp(-0.5 * ((xx - 31.5) ** 2 + (yy - 31.5) ** 2) / 16.0)[None].astype(np.float32)
+    with pytest.warns(UserWarning, match=r"mock system\(s\) \[0\] still have"):
+        mocks = make_mocks(1, seed=0, config=SMALL, sources=src, noise_levels=("medium",),
+                           min_images=6)
+    assert mocks.num_systems == 1

@@ -25,6 +25,7 @@ and the simulator configuration; ``SOURCE`` (64 × 64); ``OBS_LOW``, ``OBS_MEDIU
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,19 +252,27 @@ def make_mocks(
     for name, sig in sigmas.items():
         if not (np.isfinite(sig) and sig > 0):
             raise TfhybridInputError(f"noise level {name!r} must have sigma > 0; got {sig}")
+    if not isinstance(min_images, int | np.integer) or min_images < 0:
+        raise TfhybridInputError(f"min_images must be an int >= 0; got {min_images!r}")
     prior_jd = parameter_prior(prior, tf.float32)
     draws = {k: v.numpy().astype(np.float64) for k, v in
              prior_jd.sample(n, seed=(int(seed), 101)).items()}
     noiseless = simulate_lensed_image(sources, draws, config).numpy()
     last = list(sigmas)[-1]
-    if not isinstance(min_images, int | np.integer) or min_images < 0:
-        raise TfhybridInputError(f"min_images must be an int >= 0; got {min_images!r}")
-    for attempt in range(20 if min_snr_high > 0 or min_images > 1 else 0):
+    max_redraws = 20 if min_snr_high > 0 or min_images > 1 else 0
+    for attempt in range(max_redraws + 1 if max_redraws else 0):
         snr_last, _ = signal_to_noise(noiseless, sigmas[last], config.pixel_scale_arcsec)
         bad = np.atleast_1d(snr_last) < min_snr_high
         if min_images > 1:
             bad |= mock_image_counts(draws, sources, config) < min_images
         if not bad.any():
+            break
+        if attempt == max_redraws:
+            warnings.warn(
+                f"mock system(s) {np.flatnonzero(bad).tolist()} still have S/N < "
+                f"{min_snr_high:g} or fewer than {min_images} images after {max_redraws} "
+                "redraws; they are kept", stacklevel=2,
+            )
             break
         redraw = {k: v.numpy().astype(np.float64) for k, v in
                   prior_jd.sample(n, seed=(int(seed), 1000 + attempt)).items()}
