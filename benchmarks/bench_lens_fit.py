@@ -6,8 +6,8 @@ Target: :class:`tfhybrid.lens.model.LensPosterior` (eq. 26) of paper-size 256 x 
 * **MAP pipeline** (the number to compare with the paper's 20 min): the wall time of
   :func:`tfhybrid.lens.fit.fit_map` with its defaults on one system (coarse search, 2 x 1500
   full-resolution Adam steps with XLA, source-scale jumps 3 x 750 steps, 3 Newton
-  iterations), MEASURED end to end in a fresh
-  call (tracing and XLA compilation included), with the stage breakdown.
+  iterations, then up to 3 runs of 200 whitened L-BFGS iterations), MEASURED end to end in a
+  fresh call (tracing and XLA compilation included), with the stage breakdown.
 * **Adam step**: seconds per step of :func:`tfhybrid.inference.map.find_map` as fit_map calls it
   (bijectors, default schedule), XLA off and on: the median of the compiled chunks after the
   first (``MapResult.chunk_seconds``; the first chunk traces and compiles).
