@@ -822,9 +822,8 @@ def count_images(
     images demagnified below ``min_magnification`` are not counted, and neither are the cells
     within 1.5 cells of the centre of a lens with γ ≥ 2 (its deflection jumps or diverges
     there, so those cells' triangles cover a whole disc of the source plane; the profile has
-    no image there). A point inside the caustics of an SPLE
-    has 2-5 images; a count of 1 means the source is not multiply imaged, and its Einstein
-    radius is then poorly constrained.
+    no image there). A point inside the caustics of an SPLE has 2-5 images; a count of 1 means
+    the source is not multiply imaged, and its Einstein radius is then poorly constrained.
 
     Parameters
     ----------
@@ -850,26 +849,24 @@ def count_images(
     step = config.pixel_scale_arcsec / int(supersampling)
     edges = (np.arange(n_cells + 1, dtype=np.float64) - 0.5 * n_cells) * step
     t2, t1 = np.meshgrid(edges, edges, indexing="ij")
-    b1, b2 = (x.numpy() for x in ray_trace(t1, t2, params, deflection, table))
+    missing = [k for k in LENS_PARAM_NAMES if k not in params]
+    if missing:
+        raise TfhybridInputError(f"params lack {missing}")
+    lens = {k: np.atleast_1d(np.asarray(params[k], np.float64)) for k in LENS_PARAM_NAMES}
     p1 = np.atleast_1d(np.asarray(beta1, np.float64))
     p2 = np.atleast_1d(np.asarray(beta2, np.float64))
-    batch = max(b1.shape[0], p1.size, p2.size)
-    if p1.size not in (1, batch) or p2.size not in (1, batch) or b1.shape[0] not in (1, batch):
+    sizes = [p1.size, p2.size] + [v.size for v in lens.values()]
+    batch = max(sizes)
+    if any(n not in (1, batch) for n in sizes):
         raise TfhybridInputError(
-            f"beta1, beta2 and the parameters must have one batch size (or 1); got "
-            f"{p1.size}, {p2.size} and {b1.shape[0]}"
+            f"beta1, beta2 and the parameters must have one batch size (or 1); got sizes {sizes}"
         )
     _check_values("beta1", p1)
     _check_values("beta2", p2)
-    d1 = np.broadcast_to(b1, (batch,) + b1.shape[1:]) - np.broadcast_to(p1, (batch,))[:, None, None]
-    d2 = np.broadcast_to(b2, (batch,) + b2.shape[1:]) - np.broadcast_to(p2, (batch,))[:, None, None]
-    # corners of each cell relative to the point: a (i, j), b (i, j+1), c (i+1, j), d (i+1, j+1)
-    corners = {
-        k: (d1[:, i:i + n_cells, j:j + n_cells], d2[:, i:i + n_cells, j:j + n_cells])
-        for k, (i, j) in {"a": (0, 0), "b": (0, 1), "c": (1, 0), "d": (1, 1)}.items()
-    }
+    lens = {k: np.broadcast_to(v, (batch,)) for k, v in lens.items()}
+    p1, p2 = np.broadcast_to(p1, (batch,)), np.broadcast_to(p2, (batch,))
 
-    def cross(p, q):  # z-component of p × q, both relative to the point
+    def cross(p, q):  # z-component of p × q
         return p[0] * q[1] - p[1] * q[0]
 
     def contains(p, q, r):  # the origin inside the triangle p q r (either orientation)
@@ -877,16 +874,25 @@ def count_images(
         return ((e1 >= 0) & (e2 >= 0) & (e3 >= 0)) | ((e1 <= 0) & (e2 <= 0) & (e3 <= 0))
 
     def magnified(p, q, r):  # |mu| = cell triangle area / source-plane area >= min_magnification
-        diff = lambda u, v: (u[0] - v[0], u[1] - v[1])  # noqa: E731
-        area = 0.5 * np.abs(cross(diff(q, p), diff(r, p)))
+        area = 0.5 * np.abs(cross((q[0] - p[0], q[1] - p[1]), (r[0] - p[0], r[1] - p[1])))
         return area * min_magnification <= 0.5 * step**2
 
-    a, b, c, d = (corners[k] for k in "abcd")
-    hit = (contains(a, b, d) & magnified(a, b, d)) | (contains(a, d, c) & magnified(a, d, c))
+    hit = np.zeros((batch, n_cells, n_cells), bool)
+    for lo in range(0, batch, 8):  # ~60 MB of temporaries per system: 8 systems at a time
+        sl = slice(lo, lo + 8)
+        b1, b2 = (x.numpy() for x in ray_trace(t1, t2, {k: v[sl] for k, v in lens.items()},
+                                                deflection, table))
+        d1 = b1 - p1[sl, None, None]  # corners relative to the point
+        d2 = b2 - p2[sl, None, None]
+        # a (i, j), b (i, j+1), c (i+1, j), d (i+1, j+1) of each cell
+        a, b, c, d = (
+            (d1[:, i:i + n_cells, j:j + n_cells], d2[:, i:i + n_cells, j:j + n_cells])
+            for i, j in ((0, 0), (0, 1), (1, 0), (1, 1))
+        )
+        hit[sl] = ((contains(a, b, d) & magnified(a, b, d))
+                   | (contains(a, d, c) & magnified(a, d, c)))
     # γ >= 2: the deflection jumps (γ = 2) or diverges (γ > 2) at the lens centre, and the cells
     # around it map onto a whole disc of the source plane; there is no image there
-    lens = {k: np.broadcast_to(np.asarray(params[k], np.float64).reshape(-1), (batch,))
-            for k in ("gamma", "theta_lens1", "theta_lens2")}
     centres = 0.5 * (edges[1:] + edges[:-1])
     near1 = np.abs(centres[None, None, :] - lens["theta_lens1"][:, None, None]) < 1.5 * step
     near2 = np.abs(centres[None, :, None] - lens["theta_lens2"][:, None, None]) < 1.5 * step
