@@ -168,7 +168,7 @@ class LensSamples:
         (:func:`tfhybrid.inference.diagnostics.effective_sample_size`)."""
         from tfhybrid.inference.diagnostics import effective_sample_size
 
-        params = with_derived(self.params)
+        params = self.params if set(names) <= set(self.params) else with_derived(self.params)
         return {k: np.asarray(effective_sample_size(params[k]), dtype=np.float64)
                 for k in names}
 
