@@ -28,7 +28,7 @@ and written to ``--out``:
   singly and multiply imaged systems are both present (``--min-images 0``), the MAP errors of
   each group.
 
-Why ``--min-images 2``: with the paper's priors about half the draws put the source outside
+Why ``--min-images 2``: with the paper's priors 4 of 10 draws (study v6) put the source outside
 the caustics (the lens centre's prior is N(0, 0.5″) per axis), where it is imaged once and only
 weakly distorted, so the Einstein radius is barely constrained; the paper's mocks are rings and
 arcs, and a real lens sample is selected on its multiple images. Study v6 (no selection, 10
