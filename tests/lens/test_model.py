@@ -206,6 +206,14 @@ def test_bad_input(vae, problem):
         fit_map(post, lbfgs_iter=-1, progress=False)
     with pytest.raises(TfhybridInputError, match="lbfgs_cycles must be an int >= 0"):
         fit_map(post, lbfgs_cycles=-1, progress=False)
+    # newton_polish checks its own counts (a negative count used to mean 0)
+    from tfhybrid.lens.fit import newton_polish
+
+    state = [part[0] for part in post.initial_states(1)]
+    with pytest.raises(TfhybridInputError, match="lbfgs_iter must be an int >= 0"):
+        newton_polish(post, state, lbfgs_iter=-1)
+    with pytest.raises(TfhybridInputError, match="num_iter must be an int >= 0"):
+        newton_polish(post, state, num_iter=2.5)
 
 
 def test_coarse_posterior_bins_data_and_matches_binned_model(vae, problem):

@@ -67,10 +67,6 @@ def equivalent_truth(name: str, truth, reference):
     return truth + period * np.round((reference - truth) / period)
 
 
-#: Derived parameters added by :func:`with_derived`: the circularised Einstein radius.
-DERIVED_PARAMS = ("theta_e",)
-
-
 def with_derived(params: dict) -> dict:
     """``params`` plus ``theta_e = sqrt(q) r_ein`` (arcsec,
     :func:`tfhybrid.physics.lens_profiles.circularised_einstein_radius`) when both are present.
@@ -192,6 +188,13 @@ class LensSamples:
                 np.percentile(v.reshape(-1, v.shape[-1]), hi, axis=0))
             for k, v in with_derived(self.params).items()
         }
+
+
+def _check_counts(**counts):
+    """Raise a clear error unless every keyword is an int >= 0 (iteration counts)."""
+    for name, value in counts.items():
+        if not isinstance(value, int | np.integer) or value < 0:
+            raise TfhybridInputError(f"{name} must be an int >= 0; got {value!r}")
 
 
 def _default_learning_rate(num_steps: int):
@@ -375,10 +378,8 @@ def fit_map(
         raise TfhybridInputError(f"posterior must be a LensPosterior; got {type(posterior)}")
     if not isinstance(coarse_starts, int | np.integer) or coarse_starts < 0:
         raise TfhybridInputError(f"coarse_starts must be an int >= 0; got {coarse_starts!r}")
-    for name, value in (("newton_iter", newton_iter), ("lbfgs_iter", lbfgs_iter),
-                        ("lbfgs_cycles", lbfgs_cycles)):
-        if not isinstance(value, int | np.integer) or value < 0:
-            raise TfhybridInputError(f"{name} must be an int >= 0; got {value!r}")
+    # checked here too, so a bad count fails before the global search, not after it
+    _check_counts(newton_iter=newton_iter, lbfgs_iter=lbfgs_iter, lbfgs_cycles=lbfgs_cycles)
     scale_jumps = () if scale_jumps is None else tuple(np.ravel(scale_jumps).tolist())
     if not all(np.isfinite(k) and k > 0 for k in scale_jumps):
         raise TfhybridInputError(f"scale_jumps must be factors > 0; got {scale_jumps!r}")
@@ -567,6 +568,7 @@ def newton_polish(posterior: LensPosterior, state, num_iter: int = 3, rel_floor:
     :func:`sample_lens_posterior` (it lacks the log-Jacobian's curvature, a ~1e-5 relative
     change that only affects HMC's preconditioner, not its target).
     """
+    _check_counts(num_iter=num_iter, lbfgs_iter=lbfgs_iter, lbfgs_cycles=lbfgs_cycles)
     bijs, u, sizes, flat = _flat_unconstrained(posterior, state)
     fn = _log_prob_and_grad(posterior, bijs, u, sizes, log_det=False)
 
@@ -586,7 +588,7 @@ def newton_polish(posterior: LensPosterior, state, num_iter: int = 3, rel_floor:
     lp = log_prob(x)
     hess = hessian(x)
     mu = None
-    for _ in range(int(num_iter)):
+    for _ in range(num_iter):
         lam, vec = np.linalg.eigh(hess)
         mag = np.maximum(np.abs(lam), rel_floor * np.abs(lam).max(-1, keepdims=True) + 1e-30)
         if mu is None:
@@ -607,7 +609,7 @@ def newton_polish(posterior: LensPosterior, state, num_iter: int = 3, rel_floor:
         if not accepted.any():
             break
         hess = hessian(x)
-    if int(lbfgs_iter) > 0:
+    if lbfgs_iter > 0:
         x, lp, hess = _lbfgs_cycles(fn, log_prob, hessian, x, lp, hess, int(lbfgs_iter),
                                     int(lbfgs_cycles), rel_floor)
     parts, _ = _unflatten(posterior, bijs, u, sizes, tf.constant(x, tf.float32))

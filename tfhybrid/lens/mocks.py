@@ -260,11 +260,12 @@ def make_mocks(
     noiseless = simulate_lensed_image(sources, draws, config).numpy()
     last = list(sigmas)[-1]
     max_redraws = 20 if min_snr_high > 0 or min_images > 1 else 0
+    counts = mock_image_counts(draws, sources, config) if min_images > 1 else None
     for attempt in range(max_redraws + 1 if max_redraws else 0):
         snr_last, _ = signal_to_noise(noiseless, sigmas[last], config.pixel_scale_arcsec)
         bad = np.atleast_1d(snr_last) < min_snr_high
-        if min_images > 1:
-            bad |= mock_image_counts(draws, sources, config) < min_images
+        if counts is not None:
+            bad |= counts < min_images
         if not bad.any():
             break
         if attempt == max_redraws:
@@ -279,6 +280,9 @@ def make_mocks(
         for k in draws:
             draws[k] = np.where(bad, redraw[k], draws[k])
         noiseless = simulate_lensed_image(sources, draws, config).numpy()
+        if counts is not None:  # only the redrawn systems' counts changed
+            counts[bad] = mock_image_counts({k: v[bad] for k, v in draws.items()}, sources[bad],
+                                            config)
     observed, snr = {}, {}
     for j, (name, sig) in enumerate(sigmas.items()):
         obs = add_noise(noiseless, sig, seed=(int(seed), 200 + j)).numpy()
