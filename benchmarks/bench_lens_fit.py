@@ -4,10 +4,11 @@ Target: :class:`tfhybrid.lens.model.LensPosterior` (eq. 26) of paper-size 256 x 
 (0.04", SPLE + shear, the shipped VAE source), at the paper's high S/N. Measured:
 
 * **MAP pipeline** (the number to compare with the paper's 20 min): the wall time of
-  :func:`tfhybrid.lens.fit.fit_map` with its defaults on one system (coarse search, 2 x 1500
-  full-resolution Adam steps with XLA, source-scale jumps 3 x 750 steps, 3 Newton
-  iterations, then up to 3 runs of 200 whitened L-BFGS iterations), MEASURED end to end in a
-  fresh call (tracing and XLA compilation included), with the stage breakdown.
+  :func:`tfhybrid.lens.fit.fit_map` with its defaults (:mod:`tfhybrid.lens.defaults`) on one
+  system (coarse search, 2 x 1500 full-resolution Adam steps with XLA, source-scale jumps
+  3 x 750 steps, 3 Newton iterations, then up to 3 runs of 200 whitened L-BFGS iterations,
+  with forward-difference Hessians), MEASURED end to end in a fresh call (tracing and XLA
+  compilation included), with the stage breakdown.
 * **Adam step**: seconds per step of :func:`tfhybrid.inference.map.find_map` as fit_map calls it
   (bijectors, default schedule), XLA off and on: the median of the compiled chunks after the
   first (``MapResult.chunk_seconds``; the first chunk traces and compiles).
@@ -36,11 +37,12 @@ import time
 
 import numpy as np
 
+from tfhybrid.lens.defaults import DEFAULT_MAP_STEPS, DEFAULT_NUM_STARTS
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PAPER_MAP_S = 20 * 60.0
 PAPER_HMC_S = 10 * 3600.0
-DEFAULT_MAP_STEPS = 2000
 PAPER_HMC_DRAWS = 50 + 500
 
 
@@ -86,7 +88,8 @@ def hmc_times(posterior, fit, num_burnin, num_results):
     return wall, per_draw, res.diagnostics
 
 
-def pipeline_times(posterior, num_starts=2, num_steps=1500, coarse_starts=16,
+def pipeline_times(posterior, num_starts=DEFAULT_NUM_STARTS, num_steps=DEFAULT_MAP_STEPS,
+                   coarse_starts=16,
                    coarse_steps=500, newton_iter=3, lbfgs_iter=200,
                    lbfgs_cycles=3) -> tuple[dict, object]:
     """Measured wall time of fit_map's full MAP pipeline in a fresh call, by stage."""
@@ -129,7 +132,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="fewer timed steps, 20 + 100 HMC draws extrapolated to 550 (noisier)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--num-starts", type=int, default=2, help="fit_map's default starts")
+    p.add_argument("--num-starts", type=int, default=DEFAULT_NUM_STARTS,
+                   help="full-resolution starts (fit_map's default)")
     p.add_argument("--no-xla-off", action="store_true",
                    help="skip the Adam rows with XLA off (fit_map uses XLA)")
     args = p.parse_args(argv)
@@ -192,7 +196,7 @@ def main(argv=None):
         print(f"{what:<44s} {per:>15s} {_fmt_s(total):>10s} {how:<18s} {ref:>12s} {gain:>9s}")
     print()
     print(f"{'systems S (1 start each, XLA on)':<36s} {'per step':>10s} {'per step / S':>13s} "
-          f"{'Adam per system (2000 steps)':>29s}")
+          f"{f'Adam per system ({DEFAULT_MAP_STEPS} steps)':>29s}")
     for s, step, per, total, _ in batch_rows:
         print(f"{s:<36d} {step:>8.3f} s {per:>11.4f} s {_fmt_s(total):>29s}")
     print(f"\n# load average at end {os.getloadavg()[0]:.1f}; per-step and per-draw times: "

@@ -52,6 +52,8 @@ import os
 import time
 from pathlib import Path
 
+from tfhybrid.lens.defaults import DEFAULT_MAP_STEPS, DEFAULT_NUM_STARTS
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MAP_NAMES = ("r_ein", "theta_e", "gamma", "phi", "q", "gamma1", "gamma2", "theta_lens1",
@@ -88,8 +90,8 @@ def main(argv=None) -> dict:
     p.add_argument("--min-images", type=int, default=2,
                    help="redraw a mock's parameters while its source has fewer images than "
                         "this (0: keep singly imaged systems)")
-    p.add_argument("--num-starts", type=int, default=2)
-    p.add_argument("--map-steps", type=int, default=1500)
+    p.add_argument("--num-starts", type=int, default=DEFAULT_NUM_STARTS)
+    p.add_argument("--map-steps", type=int, default=DEFAULT_MAP_STEPS)
     p.add_argument("--coarse-starts", type=int, default=16,
                    help="global search: starts per system on the 4x coarser grid (0: none)")
     p.add_argument("--coarse-steps", type=int, default=500)
@@ -105,7 +107,7 @@ def main(argv=None) -> dict:
                         "latent, so the source model is exact and only the lens inference is "
                         "tested (coverage without source-model misspecification)")
     p.add_argument("--num-burnin", type=int, default=50)
-    p.add_argument("--num-results", type=int, default=150)
+    p.add_argument("--num-results", type=int, default=500)
     p.add_argument("--num-leapfrog", type=int, default=10)
     p.add_argument("--tol-pct", type=float, default=1.0, help="'within X %%' threshold")
     p.add_argument("--no-hmc", action="store_true", help="stop after the MAP outputs")
@@ -126,7 +128,7 @@ def main(argv=None) -> dict:
         sample_lens_posterior,
         with_derived,
     )
-    from tfhybrid.lens.mocks import make_mocks, mock_image_counts, write_mock_fits
+    from tfhybrid.lens.mocks import make_mocks, write_mock_fits
     from tfhybrid.lens.model import LensPosterior
     from tfhybrid.lens.pipeline import write_fit_outputs, write_sample_outputs
     from tfhybrid.physics.lensing import PARAM_NAMES
@@ -148,7 +150,7 @@ def main(argv=None) -> dict:
     mocks = make_mocks(args.n, seed=args.seed, noise_levels=("high",), min_snr_high=args.min_snr,
                        sources=sources, min_images=args.min_images)
     summary["representable_sources"] = bool(args.representable_sources)
-    summary["n_images"] = mock_image_counts(mocks.params, mocks.sources, mocks.config).tolist()
+    summary["n_images"] = mocks.image_counts().tolist()
     write_mock_fits(mocks, out / "mocks", overwrite=True)
     summary["mock_time_s"] = time.perf_counter() - t0
     summary["snr"] = np.asarray(mocks.snr["high"]).tolist()

@@ -89,8 +89,12 @@ def test_mocks_are_consistent_and_round_trip(tmp_path):
     np.testing.assert_array_equal(back.observed["medium"][0], mocks.observed["medium"][1])
     np.testing.assert_array_equal(back.sources[0], sources[1])
     assert back.config == SMALL
+    assert back.n_images is None  # not counted, not recorded
     with pytest.raises(TfhybridInputError, match="exists"):
         write_mock_fits(mocks, tmp_path)
+    mocks.n_images = np.array([3, 1])  # recorded as NIMAGES when known
+    write_mock_fits(mocks, tmp_path, overwrite=True)
+    np.testing.assert_array_equal(read_mock_fits(paths[1]).n_images, [1])
 
 
 def test_min_images_keeps_only_multiply_imaged_systems():
@@ -109,6 +113,12 @@ def test_min_images_keeps_only_multiply_imaged_systems():
     assert np.all((n_strong >= 2) & (n_strong <= 5))
     kept = n_free >= 2
     np.testing.assert_array_equal(strong.params["r_ein"][kept], free.params["r_ein"][kept])
+    # the selection's counts travel with the mocks (and their files); unselected ones count
+    # on demand
+    np.testing.assert_array_equal(strong.n_images, n_strong)
+    assert free.n_images is None
+    np.testing.assert_array_equal(free.image_counts(), n_free)
+    np.testing.assert_array_equal(strong.system(1).n_images, n_strong[1:2])
     with pytest.raises(TfhybridInputError, match="min_images"):
         make_mocks(1, config=SMALL, sources=sources[:1], min_images=-1)
 

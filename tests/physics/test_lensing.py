@@ -488,8 +488,15 @@ def test_source_light_centroid_and_count_images_errors():
     src[2, 6] = 1.0  # row 2 → v = -1 + 5/8, column 6 → u = -1 + 13/8
     b1, b2 = lensing.source_light_centroid(src, dict(theta_src1=0.1, theta_src2=-0.2, s=2.0))
     np.testing.assert_allclose([b1[0], b2[0]], [0.1 + 2.0 * 0.625, -0.2 + 2.0 * (-0.375)])
-    with pytest.raises(TfhybridInputError, match="non-negative"):
-        lensing.source_light_centroid(-src, dict(theta_src1=0.0, theta_src2=0.0, s=1.0))
+    # negative pixels (a decoder's ringing) carry no light: the centroid is the positive part's
+    ringing = src.copy()
+    ringing[5, 1] = -0.3
+    np.testing.assert_allclose(
+        lensing.source_light_centroid(ringing, dict(theta_src1=0.1, theta_src2=-0.2, s=2.0)),
+        (b1, b2))
+    with pytest.raises(TfhybridInputError, match=r"\[1\] have no positive pixel"):
+        lensing.source_light_centroid(np.stack([src, -src]),
+                                      dict(theta_src1=0.0, theta_src2=0.0, s=1.0))
     with pytest.raises(TfhybridInputError, match="lack"):
         lensing.source_light_centroid(src, dict(theta_src1=0.0, s=1.0))
     with pytest.raises(TfhybridInputError, match="supersampling"):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tfhybrid.lens.defaults import DEFAULT_MAP_STEPS
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -20,7 +22,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", default="tfhybrid_demo", help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--map-steps", type=int, default=1500, help="Adam steps of the MAP fit")
+    p.add_argument("--map-steps", type=int, default=DEFAULT_MAP_STEPS,
+                   help="Adam steps of the MAP fit")
     p.add_argument("--num-results", type=int, default=150, help="HMC draws kept")
     p.add_argument("--num-burnin", type=int, default=50, help="HMC warm-up draws, discarded")
     p.add_argument("--no-progress", action="store_true")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tfhybrid.lens.defaults import DEFAULT_MAP_STEPS, DEFAULT_NUM_STARTS
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -51,8 +53,8 @@ def register(subparsers) -> None:
         p.add_argument("--no-progress", action="store_true")
         if name == "fit":
             p.add_argument("--method", choices=("adam", "lbfgs"), default="adam")
-            p.add_argument("--steps", type=int, default=2000)
-            p.add_argument("--starts", type=int, default=2,
+            p.add_argument("--steps", type=int, default=DEFAULT_MAP_STEPS)
+            p.add_argument("--starts", type=int, default=DEFAULT_NUM_STARTS,
                            help="full-resolution starts per system (the best coarse ones)")
             p.add_argument("--coarse-starts", type=int, default=16,
                            help="global search: starts per system on a 4x coarser grid "
@@ -101,7 +103,7 @@ def _positive(flag: str, value) -> None:
 
 
 def run_mock(args) -> int:
-    from tfhybrid.lens.mocks import make_mocks, mock_image_counts, write_mock_fits
+    from tfhybrid.lens.mocks import make_mocks, write_mock_fits
 
     _positive("--n", args.n)
     if args.min_images < 0:
@@ -115,7 +117,7 @@ def run_mock(args) -> int:
                        min_images=args.min_images)
     paths = write_mock_fits(mocks, out, overwrite=True)
     print(mocks.snr_table())
-    counts = mock_image_counts(mocks.params, mocks.sources, mocks.config)
+    counts = mocks.image_counts()
     print("images of each source: " + " ".join(str(int(k)) for k in counts))
     print(f"wrote {len(paths)} mock system(s) to {out}/")
     return 0
@@ -149,6 +151,8 @@ def _load(args):
             np.concatenate([m.noiseless for m in mocks]),
             {args.level: observed}, {args.level: float(sigma[0])},
             {args.level: np.concatenate([m.snr[args.level] for m in mocks])}, mocks[0].config,
+            None if any(m.n_images is None for m in mocks)
+            else np.concatenate([m.n_images for m in mocks]),
         )
     labels = [f"{Path(p).stem} ({args.level}, S/N={m.snr[args.level][0]:.0f})"
               for p, m in zip(args.mock, mocks, strict=True)]

@@ -18,7 +18,8 @@ population).
 Files: :func:`write_mock_fits` writes one multi-extension FITS per system: the noise-free image
 in the primary HDU, whose header records every true parameter (``R_EIN``, ``GAMMA``, ``Q``,
 ``PHI``, ``TLENS1``, ``TLENS2``, ``GAMMA1``, ``GAMMA2``, ``TSRC1``, ``TSRC2``, ``S``, ``IOTA``)
-and the simulator configuration; ``SOURCE`` (64 × 64); ``OBS_LOW``, ``OBS_MEDIUM``,
+and the simulator configuration (and ``NIMAGES``, the image count of the source's light
+centroid, when it was counted); ``SOURCE`` (64 × 64); ``OBS_LOW``, ``OBS_MEDIUM``,
 ``OBS_HIGH`` with ``NOISE`` and ``SNR`` cards.
 """
 
@@ -102,6 +103,9 @@ class MockSystems:
     noise_sigma : dict noise level → σ.
     snr : dict noise level → (S,) S/N of eqs. 24–25 (Table 1).
     config : LensingConfig used.
+    n_images : (S,) int images of each source's light centroid (:func:`mock_image_counts`),
+        when :func:`make_mocks` counted them (``min_images`` > 1) or a mock file recorded
+        them; :meth:`image_counts` counts them otherwise.
     """
 
     params: dict
@@ -111,6 +115,7 @@ class MockSystems:
     noise_sigma: dict
     snr: dict
     config: LensingConfig = field(default_factory=LensingConfig)
+    n_images: np.ndarray | None = None
 
     @property
     def num_systems(self) -> int:
@@ -123,7 +128,14 @@ class MockSystems:
             {k: v[sl] for k, v in self.params.items()}, self.sources[sl], self.noiseless[sl],
             {k: v[sl] for k, v in self.observed.items()}, dict(self.noise_sigma),
             {k: v[sl] for k, v in self.snr.items()}, self.config,
+            None if self.n_images is None else self.n_images[sl],
         )
+
+    def image_counts(self) -> np.ndarray:
+        """(S,) images of each source's light centroid: :attr:`n_images`, counted once."""
+        if self.n_images is None:
+            self.n_images = mock_image_counts(self.params, self.sources, self.config)
+        return self.n_images
 
     def snr_table(self) -> str:
         """Table 1 of the paper for these systems: σ_noise and S/N per level."""
@@ -290,7 +302,7 @@ def make_mocks(
         # S/N of the noisy observation, as the paper computes it (eqs. 24-25)
         snr[name] = np.atleast_1d(signal_to_noise(obs, sig, config.pixel_scale_arcsec)[0])
     return MockSystems(draws, sources, noiseless.astype(np.float32), observed, sigmas, snr,
-                       config)
+                       config, counts)
 
 
 def write_mock_fits(mocks: MockSystems, directory: str | os.PathLike,
@@ -316,6 +328,8 @@ def write_mock_fits(mocks: MockSystems, directory: str | os.PathLike,
         h["PSFSIG"] = (cfg.psf_sigma_arcsec or 0.0, "[arcsec] Gaussian PSF sigma (0: none)")
         h["DEFLECT"] = (cfg.deflection, "SPLE deflection: table or epl")
         h["BUNIT"] = ("surface brightness", "units of iota * d (eq. 17)")
+        if mocks.n_images is not None:
+            h["NIMAGES"] = (int(mocks.n_images[i]), "images of the source light centroid")
         hdus = [primary, fits.ImageHDU(mocks.sources[i], name="SOURCE")]
         for level, obs in mocks.observed.items():
             hdu = fits.ImageHDU(obs[i], name=f"OBS_{level.upper()}"[:8])
@@ -348,6 +362,7 @@ def read_mock_fits(path: str | os.PathLike) -> MockSystems:
                 n_pix=int(h["NPIX"]), pixel_scale_arcsec=float(h["PIXSCALE"]),
                 psf_sigma_arcsec=float(h["PSFSIG"]) or None, deflection=str(h["DEFLECT"]),
             )
+            n_images = np.array([int(h["NIMAGES"])]) if "NIMAGES" in h else None
             noiseless = np.asarray(hdul[0].data, dtype=np.float32)[None]
             source = np.asarray(hdul["SOURCE"].data, dtype=np.float32)[None]
             observed, sigmas, snr = {}, {}, {}
@@ -360,4 +375,4 @@ def read_mock_fits(path: str | os.PathLike) -> MockSystems:
         raise
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise TfhybridInputError(f"cannot read mock file {path}: {err}") from err
-    return MockSystems(params, source, noiseless, observed, sigmas, snr, config)
+    return MockSystems(params, source, noiseless, observed, sigmas, snr, config, n_images)

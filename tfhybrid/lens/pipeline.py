@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tfhybrid.io import atomic_path, savefig_atomic, write_json_atomic
+from tfhybrid.lens.defaults import DEFAULT_MAP_STEPS, DEFAULT_NUM_STARTS
 from tfhybrid.lens.fit import (
     LensMap,
     LensSamples,
@@ -215,8 +216,8 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
     return summary
 
 
-def run_demo(out_dir, seed: int = 0, map_steps: int = 1500, num_results: int = 150,
-             num_burnin: int = 50, num_starts: int = 2, progress: bool = True,
+def run_demo(out_dir, seed: int = 0, map_steps: int = DEFAULT_MAP_STEPS, num_results: int = 150,
+             num_burnin: int = 50, num_starts: int = DEFAULT_NUM_STARTS, progress: bool = True,
              coarse_starts: int = 16, newton_iter: int = 3) -> dict:
     """The package's main job on the shipped defaults: one mock, MAP, a short HMC run.
 

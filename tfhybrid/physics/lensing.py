@@ -773,7 +773,8 @@ def simulate_lensed_image(
 def source_light_centroid(source, params: Mapping) -> tuple[np.ndarray, np.ndarray]:
     """Source-plane position (arcsec) of the light centroid of each source image (eq. 17).
 
-    ``source`` ``(ny_s, nx_s)`` or ``(batch, ny_s, nx_s)`` (non-negative, not all zero);
+    ``source`` ``(ny_s, nx_s)`` or ``(batch, ny_s, nx_s)`` with some positive flux; negative
+    pixels (a VAE decoder's faint ringing around a decoded galaxy) count as zero light;
     ``params`` holds ``theta_src1``, ``theta_src2`` and ``s`` (scalars or ``(batch,)``).
     Pixel ``(i, j)`` of the stamp lies at ``theta_src + s (u_j, v_i)`` with
     ``u_j = -1 + (2 j + 1) / nx_s`` (the convention of
@@ -786,9 +787,13 @@ def source_light_centroid(source, params: Mapping) -> tuple[np.ndarray, np.ndarr
             f"source must have shape (ny_s, nx_s) or (batch, ny_s, nx_s); got {np.shape(source)}"
         )
     _check_values("source", src)
+    src = np.maximum(src, 0.0)
     flux = src.sum(axis=(1, 2))
-    if np.any(flux <= 0) or np.any(src < 0):
-        raise TfhybridInputError("source images must be non-negative with a positive total flux")
+    if np.any(flux <= 0):
+        bad = np.flatnonzero(flux <= 0).tolist()
+        raise TfhybridInputError(
+            f"source images {bad} have no positive pixel: the light centroid is undefined"
+        )
     ny_s, nx_s = src.shape[1:]
     u = -1.0 + (2.0 * np.arange(nx_s) + 1.0) / nx_s
     v = -1.0 + (2.0 * np.arange(ny_s) + 1.0) / ny_s
