@@ -224,7 +224,8 @@ def main(argv=None) -> dict:
                 median_abs_pull=float(np.median(np.abs(mean[name] - t) / std[name])),
             )
         summary["hmc"] = dict(
-            wall_time_s=post["wall_time_s"], num_burnin=args.num_burnin,
+            # the chain's sampling time, chunks resumed from disk included
+            wall_time_s=post["total_sampling_s"], num_burnin=args.num_burnin,
             num_results=args.num_results, num_leapfrog=args.num_leapfrog,
             acceptance_rate=post["acceptance_rate"], num_divergences=post["num_divergences"],
             min_ess=post["min_ess"], step_size=post["step_size"],

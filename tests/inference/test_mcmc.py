@@ -154,6 +154,12 @@ def test_kill_and_resume_is_bit_identical(gaussian, hmc_result, tmp_path, monkey
     np.testing.assert_array_equal(
         resumed.mass_matrix_variance[0], hmc_result.mass_matrix_variance[0]
     )
+    # the run's sampling time counts the chunk read from disk, as it was timed then
+    with np.load(tmp_path / "chunk_00000.npz") as z:
+        first = float(z["seconds"])
+    assert first > 0 and len(resumed.chunk_seconds) == 1
+    assert resumed.total_sampling_s == pytest.approx(first + resumed.chunk_seconds[0])
+    assert resumed.wall_time_s < resumed.total_sampling_s
     # a different setting in the same directory is refused, not silently mixed
     with pytest.raises(TfhybridInputError, match="different settings"):
         sample_posterior(

@@ -79,6 +79,8 @@ class PosteriorResult:
     num_gradient_evaluations : leapfrog steps summed over chains and steps (this call).
     chunk_seconds : wall time of each compiled chunk sampled in this call (``chunk_size``
         steps); the first includes tracing and compilation.
+    total_sampling_s : seconds of sampling of the whole run: this call's chunks plus those read
+        from disk, as they were timed when sampled (NaN if a chunk file predates the timing).
     final_step_size : the kernel's step size at the end, as an array (its batch shape when the
         step size is adapted per batch member).
     """
@@ -95,6 +97,7 @@ class PosteriorResult:
     names: list = field(default_factory=list)
     chunk_seconds: list = field(default_factory=list)
     final_step_size: np.ndarray | None = None
+    total_sampling_s: float = float("nan")
 
     def summary(self, names: Sequence[str] | None = None):
         """Per-parameter table (mean, sd, ESS, split R-hat); see ``diagnostics.summarize``."""
@@ -293,11 +296,11 @@ def sample_posterior(
 
     state = [tf.convert_to_tensor(u) for u in unconstrained]
     flat_kr = [_to_numpy(t) for t in flat_template]
-    draws_chunks, trace_chunks = [], []
+    draws_chunks, trace_chunks, loaded_seconds = [], [], []
     start_chunk = 0
     if ckpt is not None:
-        start_chunk, state_np, flat_kr_loaded, draws_chunks, trace_chunks = _load_chunks(
-            ckpt, len(unconstrained), len(flat_template)
+        start_chunk, state_np, flat_kr_loaded, draws_chunks, trace_chunks, loaded_seconds = (
+            _load_chunks(ckpt, len(unconstrained), len(flat_template))
         )
         if start_chunk > 0:
             state = [tf.convert_to_tensor(s) for s in state_np]
@@ -317,7 +320,7 @@ def sample_posterior(
             state = [s.numpy() for s in final_state]
             flat_kr = [_to_numpy(t) for t in final_kr]
             if ckpt is not None:
-                _write_chunk(ckpt, c, draws, tr, state, flat_kr)
+                _write_chunk(ckpt, c, draws, tr, state, flat_kr, chunk_seconds[-1])
             draws_chunks.append(draws)
             trace_chunks.append(tr)
             bar.update(min(chunk, total - c * chunk))
@@ -351,6 +354,7 @@ def sample_posterior(
         names=list(names) if names is not None else [],
         chunk_seconds=chunk_seconds,
         final_step_size=_final_step_size(kr_final, init_step),
+        total_sampling_s=float(np.sum(loaded_seconds) + np.sum(chunk_seconds)),
     )
 
 
@@ -544,8 +548,9 @@ def _check_or_write_config(ckpt: Path, config: dict) -> None:
         write_json_atomic(path, config)
 
 
-def _write_chunk(ckpt: Path, index: int, draws, trace, state, flat_kr) -> None:
+def _write_chunk(ckpt: Path, index: int, draws, trace, state, flat_kr, seconds: float) -> None:
     arrays = {f"draw_{i}": d for i, d in enumerate(draws)}
+    arrays["seconds"] = np.float64(seconds)
     arrays.update({f"trace_{k}": v for k, v in trace.items()})
     arrays.update({f"state_{i}": s for i, s in enumerate(state)})
     arrays.update({f"kr_{i}": np.asarray(k) for i, k in enumerate(flat_kr)})
@@ -556,7 +561,7 @@ def _write_chunk(ckpt: Path, index: int, draws, trace, state, flat_kr) -> None:
 
 def _load_chunks(ckpt: Path, n_parts: int, n_kr: int):
     files = sorted(ckpt.glob("chunk_*.npz"))
-    draws, traces = [], []
+    draws, traces, seconds = [], [], []
     state, flat_kr = None, None
     for expected, f in enumerate(files):
         if f.name != f"chunk_{expected:05d}.npz":
@@ -566,4 +571,5 @@ def _load_chunks(ckpt: Path, n_parts: int, n_kr: int):
             traces.append({k[6:]: z[k] for k in z.files if k.startswith("trace_")})
             state = [z[f"state_{i}"] for i in range(n_parts)]
             flat_kr = [z[f"kr_{i}"] for i in range(n_kr)]
-    return len(files), state, flat_kr, draws, traces
+            seconds.append(float(z["seconds"]) if "seconds" in z.files else np.nan)
+    return len(files), state, flat_kr, draws, traces, seconds

@@ -196,7 +196,9 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
     diag = res.diagnostics
     ess = samples.ess()
     summary = dict(
-        kernel=res.kernel, wall_time_s=res.wall_time_s, acceptance_rate=diag["acceptance_rate"],
+        kernel=res.kernel, wall_time_s=res.wall_time_s,
+        # the whole chain's sampling time, chunks resumed from disk included
+        total_sampling_s=res.total_sampling_s, acceptance_rate=diag["acceptance_rate"],
         num_divergences=diag["num_divergences"], min_ess=diag["min_ess"],
         max_r_hat=diag["max_r_hat"], step_size=float(np.asarray(res.step_size).ravel()[0]),
         num_gradient_evaluations=res.num_gradient_evaluations,
