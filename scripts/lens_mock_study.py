@@ -213,6 +213,7 @@ def main(argv=None) -> dict:
                                     fit if isinstance(fit, LensMap) else None, mocks.params,
                                     labels=labels)
         mean, std = samples.mean(), samples.std()
+        gap = samples.mode_gap(posterior, fit.log_prob)
         per_param = {}
         truth_d = with_derived(truth)
         for name in ("r_ein", "theta_e", "gamma", "phi", "q"):
@@ -231,6 +232,8 @@ def main(argv=None) -> dict:
             min_ess=post["min_ess"], step_size=post["step_size"],
             num_systems_sampled=len(np.asarray(truth["r_ein"])),
             coverage_68=coverage(truth, samples, 0.68),
+            # highest log p among every 10th draw minus the MAP's: > 0, the MAP was not the mode
+            mode_gap=gap.tolist(),
             per_param=per_param,
         )
     summary["total_wall_time_s"] = time.perf_counter() - t_all
@@ -287,6 +290,8 @@ def _format(summary, tol_pct) -> str:
             f"{h['min_ess']}",
             "68 % interval coverage: " + ", ".join(
                 f"{k} {v:.2f}" for k, v in h["coverage_68"].items()),
+            "best draw's log p minus the MAP's (> 0: the MAP was not the mode): "
+            + " ".join(f"{g:+.0f}" for g in h.get("mode_gap", [])),
         ]
         for name, d in h["per_param"].items():
             lines.append(f"{name:>12s} posterior mean median|err| "

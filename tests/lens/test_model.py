@@ -187,6 +187,17 @@ def test_map_recovers_truth_on_self_consistent_mock(vae, problem):
     # 120 correlated draws: the posterior mean is within 5 posterior sd of the truth
     assert abs(r.mean() - TRUTH["r_ein"]) < 5 * sd + 2e-3, (r.mean(), sd)
 
+    # the polished MAP of this smooth, self-consistent problem is the mode: no draw beats it,
+    # and the best draw lies in the typical set (a Gaussian's best of 120 draws in D = 20
+    # dimensions sits ~D/2 - 2 sqrt(D/2) = 4 nats below the mode; allow up to D)
+    gap = samples.mode_gap(post, fit.log_prob, every=1)
+    assert gap.shape == (1,) and -20.0 < gap[0] < 0.0, gap
+    draws = [samples.params[k][:, 0] for k in PARAM_NAMES] + [samples.z[:, 0]]
+    direct = post.target_log_prob(*[tf.constant(d, tf.float32) for d in draws]).numpy()
+    np.testing.assert_allclose(gap, direct.max(0) - fit.log_prob, atol=0.05)
+    with pytest.raises(TfhybridInputError, match="every"):
+        samples.mode_gap(post, fit.log_prob, every=0)
+
 
 def test_bad_input(vae, problem):
     with pytest.raises(TfhybridInputError, match="shape"):

@@ -44,6 +44,7 @@ def run(args) -> int:
                  progress=not args.no_progress)
     t, m = s["truth"], s["map"]
     mean, sd = s["posterior_mean"], s["posterior_std"]
+    gap = s["hmc"]["mode_gap"][0]
     print(
         f"demo: S/N {s['snr']:.0f}; r_Ein true {t['r_ein']:.4f} MAP {m['r_ein']:.4f} "
         f"posterior {mean['r_ein']:.4f}±{sd['r_ein']:.4f}; theta_E = sqrt(q) r_Ein true "
@@ -52,6 +53,10 @@ def run(args) -> int:
         f"MAP {m['gamma']:.3f} posterior {mean['gamma']:.3f}±{sd['gamma']:.3f}; "
         f"chi2/pix {s['chi2_per_pixel']:.3f}; MAP {s['map_wall_time_s']:.0f} s, "
         f"HMC {s['hmc_wall_time_s']:.0f} s (ESS r_Ein {s['hmc']['ess']['r_ein']:.0f}, "
-        f"gamma {s['hmc']['ess']['gamma']:.0f}) -> {args.out}/"
+        f"gamma {s['hmc']['ess']['gamma']:.0f}; best draw's log p {gap:+.0f} nats from the "
+        f"MAP's) -> {args.out}/"
     )
+    if gap > 0:
+        print("note: the chain found a higher log p than the MAP, which was a local optimum; "
+              "its draws may still be moving (run longer: --num-burnin, --num-results)")
     return 0

@@ -212,7 +212,8 @@ def run_sample(args) -> int:
 
     fit = LensMap(data["params"], data["z"], np.asarray(data["log_prob"]),
                   np.asarray(data["best_start"]), None, float(data["wall_time_s"]))
-    summary = write_sample_outputs(args.out, samples, fit, mocks.params, labels=labels)
+    summary = write_sample_outputs(args.out, samples, fit, mocks.params, labels=labels,
+                                   posterior=posterior)
     print(f"{args.kernel.upper()}: {args.num_results} draws x {args.chains} chain(s) in "
           f"{summary['wall_time_s']:.1f} s; acceptance {summary['acceptance_rate']:.2f}, "
           f"min ESS {summary['min_ess']:.0f}, max R-hat {summary['max_r_hat']:.3f} "
@@ -223,6 +224,13 @@ def run_sample(args) -> int:
         print(f"warning: ESS < 100 for r_ein, gamma, phi or q in {len(low)} system(s) {names}: "
               "their posterior means, widths and intervals are unreliable; draw more "
               "(--num-results) or run more chains (--chains)")
+    above = summary["above_map_systems"]
+    if above:
+        gaps = [f"{labels[i]} +{summary['mode_gap'][i]:.0f}" for i in above]
+        print(f"warning: draws reached a higher log p than the MAP in {len(above)} system(s) "
+              f"({', '.join(gaps)} nats): the MAP was a local optimum and the chain may still be "
+              "climbing; its means and intervals describe a chain in transit: draw more "
+              "(--num-burnin, --num-results)")
     return 0
 
 

@@ -170,9 +170,15 @@ def samples_to_arviz(samples: LensSamples):
 
 
 def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = None,
-                         truth: Mapping | None = None, labels: Sequence[str] | None = None
-                         ) -> dict:
-    """Write the posterior outputs (see the module docstring); return the summary dict."""
+                         truth: Mapping | None = None, labels: Sequence[str] | None = None,
+                         posterior: LensPosterior | None = None) -> dict:
+    """Write the posterior outputs (see the module docstring); return the summary dict.
+
+    With both ``fit`` and ``posterior``, the summary has ``mode_gap`` (:meth:`LensSamples.
+    mode_gap`, per system) and ``above_map_systems``: the systems whose draws reached a higher
+    log p than their MAP, whose MAP was therefore a local optimum and whose chain may still be
+    moving.
+    """
     from tfhybrid.inference.diagnostics import save_netcdf
     from tfhybrid.plotting.lens import posterior_corner_figure
 
@@ -207,6 +213,10 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
         ess={k: v.tolist() for k, v in ess.items()},
         low_ess_systems=samples.low_ess_systems(ess=ess),
     )
+    if fit is not None and posterior is not None:
+        gap = samples.mode_gap(posterior, fit.log_prob)
+        summary["mode_gap"] = gap.tolist()
+        summary["above_map_systems"] = np.flatnonzero(gap > 0).tolist()
     if fit is not None:
         rows = parameter_table(truth, fit, samples)
         summary["table"] = rows
@@ -246,7 +256,8 @@ def run_demo(out_dir, seed: int = 0, map_steps: int = DEFAULT_MAP_STEPS, num_res
     samples = sample_lens_posterior(posterior, fit, num_results=num_results,
                                     num_burnin=num_burnin, seed=seed, progress=progress,
                                     checkpoint_dir=out / "hmc_chunks")
-    post_summary = write_sample_outputs(out, samples, fit, mocks.params, labels=[label])
+    post_summary = write_sample_outputs(out, samples, fit, mocks.params, labels=[label],
+                                        posterior=posterior)
     truth = {k: float(v) for k, v in
              with_derived({k: mocks.params[k][0] for k in PARAM_NAMES}).items()}
     summary = dict(
@@ -261,7 +272,7 @@ def run_demo(out_dir, seed: int = 0, map_steps: int = DEFAULT_MAP_STEPS, num_res
         hmc_wall_time_s=post_summary["wall_time_s"],
         total_wall_time_s=time.perf_counter() - t0,
         hmc=dict((k, post_summary[k]) for k in ("acceptance_rate", "num_divergences",
-                                                 "min_ess", "max_r_hat"))
+                                                 "min_ess", "max_r_hat", "mode_gap"))
         | dict(ess={k: v[0] for k, v in post_summary["ess"].items()}),
     )
     write_json_atomic(out / "demo_summary.json", summary)
