@@ -11,6 +11,7 @@ comparisons (true vs MAP vs posterior mean ± std, per cent errors, interval cov
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import keras
@@ -521,13 +522,14 @@ def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, log_det: bool =
     iterations reuse the graphs instead of retracing them. XLA stays off: with the batch of a
     Hessian chunk (32 perturbations) the VAE decoder's convolutions dominate, and XLA's CPU
     convolutions (and compilation) made a Newton polish 10x slower (123 s instead of 13 s on
-    one system).
+    one system). For the states alone (``(S, D)``) XLA halves a call on the benchmark system
+    (7.1 ms instead of 13.9 ms), but it made the polish test's small posterior 10x slower
+    (348 s instead of ~30 s), so it stays off there too.
     """
 
     # no tensor-dependent Python control flow: AutoGraph has nothing to convert (and warned
     # that it could not read this closure's source)
-    @tf.function(autograph=False)
-    def fn(x):
+    def value_and_grad(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
             parts, jac = _unflatten(posterior, bijs, u, sizes, x)
@@ -535,7 +537,7 @@ def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, log_det: bool =
             total = tf.reduce_sum(lp)
         return lp, tape.gradient(total, x)
 
-    return fn
+    return tf.function(value_and_grad, autograph=False)
 
 
 def _hessian_at(fn, flat, eps: float, chunk_size: int, scheme: str = "forward") -> np.ndarray:
@@ -699,20 +701,55 @@ def _whitened_lbfgs(fn, x: np.ndarray, amat: np.ndarray, max_iterations: int) ->
     line search fails keeps its last point. ``fn`` is the polish's compiled value-and-gradient
     function, reused here: :func:`tfhybrid.inference.map.find_map`'s L-BFGS would trace the
     posterior again inside its own graph, which made the Newton-polish test 4x slower
-    (67 s instead of 16 s).
+    (67 s instead of 16 s). The L-BFGS loop itself runs as a graph (:func:`_lbfgs_runner`),
+    calling ``fn`` through ``tf.py_function``.
     """
     x0 = tf.constant(x, tf.float32)
     a = tf.constant(amat, tf.float32)
+    position = _lbfgs_runner(fn, int(max_iterations))(x0, a)
+    return (x0 + tf.einsum("sij,sj->si", a, position)).numpy().astype(np.float64)
 
-    def neg_log_prob_and_grad(w):
-        lp, g = fn(x0 + tf.einsum("sij,sj->si", a, w))
+
+_LBFGS_RUNNERS = weakref.WeakKeyDictionary()
+
+
+def _lbfgs_runner(fn, max_iterations: int):
+    """Compiled ``(x0, A) ↦ argmin_w −log p(x0 + A w)`` by ``tfp.optimizer.lbfgs_minimize``.
+
+    Run eagerly, TFP's L-BFGS costs ~40 ms of Python and small-op overhead per iteration
+    (measured on a 2-core CPU with a trivial 76-d objective: 7.5 s for 200 iterations, 0.4 s
+    as a graph), as much as the posterior's own evaluations. As a graph, the loop is traced
+    once (~2 s) per ``fn``, shape and iteration budget, and reused by every polish cycle.
+    ``fn`` is called through ``tf.py_function``, so the posterior is not traced into (nor
+    optimised with) the loop's graph.
+    """
+    cache = _LBFGS_RUNNERS.setdefault(fn, {})
+    if max_iterations in cache:
+        return cache[max_iterations]
+
+    fn_ref = weakref.ref(fn)  # the cache's value must not keep its key alive
+
+    def neg_log_prob_and_grad(x0, a, w):  # eager, inside tf.py_function
+        lp, g = fn_ref()(x0 + tf.einsum("sij,sj->si", a, w))
         return -lp, -tf.einsum("sij,si->sj", a, g)
 
-    res = tfp.optimizer.lbfgs_minimize(
-        neg_log_prob_and_grad, tf.zeros_like(x0), max_iterations=max_iterations,
-        num_correction_pairs=20, tolerance=1e-8,
-    )
-    return (x0 + tf.einsum("sij,sj->si", a, res.position)).numpy().astype(np.float64)
+    @tf.function(autograph=False)
+    def run(x0, a):
+        def objective(w):
+            value, grad = tf.py_function(neg_log_prob_and_grad, [x0, a, w],
+                                         [tf.float32, tf.float32])
+            value.set_shape(w.shape[:1])
+            grad.set_shape(w.shape)
+            return value, grad
+
+        res = tfp.optimizer.lbfgs_minimize(
+            objective, tf.zeros_like(x0), max_iterations=max_iterations,
+            num_correction_pairs=20, tolerance=1e-8,
+        )
+        return res.position
+
+    cache[max_iterations] = run
+    return run
 
 
 def laplace_whitening(hess: np.ndarray, rel_floor: float = 1e-6) -> np.ndarray:
