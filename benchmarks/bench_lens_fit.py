@@ -37,7 +37,15 @@ import time
 
 import numpy as np
 
-from tfhybrid.lens.defaults import DEFAULT_MAP_STEPS, DEFAULT_NUM_STARTS
+from tfhybrid.lens.defaults import (
+    DEFAULT_COARSE_STARTS,
+    DEFAULT_COARSE_STEPS,
+    DEFAULT_LBFGS_CYCLES,
+    DEFAULT_LBFGS_ITER,
+    DEFAULT_MAP_STEPS,
+    DEFAULT_NEWTON_ITER,
+    DEFAULT_NUM_STARTS,
+)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -89,9 +97,9 @@ def hmc_times(posterior, fit, num_burnin, num_results):
 
 
 def pipeline_times(posterior, num_starts=DEFAULT_NUM_STARTS, num_steps=DEFAULT_MAP_STEPS,
-                   coarse_starts=16,
-                   coarse_steps=500, newton_iter=3, lbfgs_iter=200,
-                   lbfgs_cycles=3) -> tuple[dict, object]:
+                   coarse_starts=DEFAULT_COARSE_STARTS, coarse_steps=DEFAULT_COARSE_STEPS,
+                   newton_iter=DEFAULT_NEWTON_ITER, lbfgs_iter=DEFAULT_LBFGS_ITER,
+                   lbfgs_cycles=DEFAULT_LBFGS_CYCLES) -> tuple[dict, object]:
     """Measured wall time of fit_map's full MAP pipeline in a fresh call, by stage."""
     from tfhybrid.lens.fit import LensMap, fit_map, newton_polish
     from tfhybrid.lens.model import PARAM_NAMES

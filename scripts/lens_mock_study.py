@@ -52,7 +52,15 @@ import os
 import time
 from pathlib import Path
 
-from tfhybrid.lens.defaults import DEFAULT_MAP_STEPS, DEFAULT_NUM_STARTS
+from tfhybrid.lens.defaults import (
+    DEFAULT_COARSE_STARTS,
+    DEFAULT_COARSE_STEPS,
+    DEFAULT_LBFGS_CYCLES,
+    DEFAULT_LBFGS_ITER,
+    DEFAULT_MAP_STEPS,
+    DEFAULT_NEWTON_ITER,
+    DEFAULT_NUM_STARTS,
+)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -92,14 +100,14 @@ def main(argv=None) -> dict:
                         "this (0: keep singly imaged systems)")
     p.add_argument("--num-starts", type=int, default=DEFAULT_NUM_STARTS)
     p.add_argument("--map-steps", type=int, default=DEFAULT_MAP_STEPS)
-    p.add_argument("--coarse-starts", type=int, default=16,
+    p.add_argument("--coarse-starts", type=int, default=DEFAULT_COARSE_STARTS,
                    help="global search: starts per system on the 4x coarser grid (0: none)")
-    p.add_argument("--coarse-steps", type=int, default=500)
-    p.add_argument("--newton-iter", type=int, default=3,
+    p.add_argument("--coarse-steps", type=int, default=DEFAULT_COARSE_STEPS)
+    p.add_argument("--newton-iter", type=int, default=DEFAULT_NEWTON_ITER,
                    help="Newton iterations with the full Hessian after Adam (0: no polish)")
-    p.add_argument("--lbfgs-iter", type=int, default=200,
+    p.add_argument("--lbfgs-iter", type=int, default=DEFAULT_LBFGS_ITER,
                    help="whitened L-BFGS iterations after the Newton iterations (0: none)")
-    p.add_argument("--lbfgs-cycles", type=int, default=3,
+    p.add_argument("--lbfgs-cycles", type=int, default=DEFAULT_LBFGS_CYCLES,
                    help="at most this many re-whitened L-BFGS runs (until no system gains 1 nat)")
     p.add_argument("--vae", default=None, help="saved VAE directory (default: the shipped one)")
     p.add_argument("--representable-sources", action="store_true",

@@ -12,7 +12,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tfhybrid.lens.defaults import DEFAULT_MAP_STEPS, DEFAULT_NUM_STARTS
+from tfhybrid.lens.defaults import (
+    DEFAULT_COARSE_STARTS,
+    DEFAULT_COARSE_STEPS,
+    DEFAULT_LBFGS_CYCLES,
+    DEFAULT_LBFGS_ITER,
+    DEFAULT_MAP_STEPS,
+    DEFAULT_NEWTON_ITER,
+    DEFAULT_NUM_STARTS,
+)
 
 
 def register(subparsers) -> None:
@@ -56,20 +64,20 @@ def register(subparsers) -> None:
             p.add_argument("--steps", type=int, default=DEFAULT_MAP_STEPS)
             p.add_argument("--starts", type=int, default=DEFAULT_NUM_STARTS,
                            help="full-resolution starts per system (the best coarse ones)")
-            p.add_argument("--coarse-starts", type=int, default=16,
+            p.add_argument("--coarse-starts", type=int, default=DEFAULT_COARSE_STARTS,
                            help="global search: starts per system on a 4x coarser grid "
                                 "(0: none, start from prior medians and draws)")
-            p.add_argument("--coarse-steps", type=int, default=500)
+            p.add_argument("--coarse-steps", type=int, default=DEFAULT_COARSE_STEPS)
             p.add_argument("--scale-jumps", type=float, nargs="*", default=[0.6, 1.6, 2.6],
                            help="source-scale factors tried after the search (s -> k s with "
                                 "the source redrawn; none: off)")
-            p.add_argument("--newton-iter", type=int, default=3,
+            p.add_argument("--newton-iter", type=int, default=DEFAULT_NEWTON_ITER,
                            help="damped Newton iterations with the full Hessian after Adam "
                                 "(0: no polish)")
-            p.add_argument("--lbfgs-iter", type=int, default=200,
+            p.add_argument("--lbfgs-iter", type=int, default=DEFAULT_LBFGS_ITER,
                            help="L-BFGS iterations after the Newton iterations, in coordinates "
                                 "whitened by the Hessian (0: none)")
-            p.add_argument("--lbfgs-cycles", type=int, default=3,
+            p.add_argument("--lbfgs-cycles", type=int, default=DEFAULT_LBFGS_CYCLES,
                            help="at most this many L-BFGS runs, each re-whitened where the "
                                 "last stopped, until no system gains 1 nat")
             p.set_defaults(func=run_fit)

@@ -1,12 +1,22 @@
 """Defaults of the lensing MAP pipeline, in one place and free of TensorFlow imports.
 
-Shared by :func:`tfhybrid.lens.fit.fit_map`, the ``tfhybrid lens fit`` and ``tfhybrid demo``
-commands (whose ``--help`` must not import TensorFlow), ``scripts/lens_mock_study.py`` and
-``benchmarks/bench_lens_fit.py``, so that the study's accuracy and the benchmark's wall time
-describe one pipeline.
+Shared by :func:`tfhybrid.lens.fit.fit_map` and :func:`tfhybrid.lens.fit.newton_polish`, the
+``tfhybrid lens fit`` and ``tfhybrid demo`` commands (whose ``--help`` must not import
+TensorFlow), ``scripts/lens_mock_study.py`` and ``benchmarks/bench_lens_fit.py``, so that the
+study's accuracy and the benchmark's wall time describe one pipeline.
 """
 
+#: global search: starts per system on the 4x coarser grid
+DEFAULT_COARSE_STARTS = 16
+#: global search: Adam steps of each coarse start
+DEFAULT_COARSE_STEPS = 500
 #: full-resolution starts per system (the best of the coarse search)
 DEFAULT_NUM_STARTS = 2
 #: full-resolution Adam steps (the source-scale jumps run half as many)
 DEFAULT_MAP_STEPS = 1500
+#: damped Newton iterations of the polish
+DEFAULT_NEWTON_ITER = 3
+#: whitened L-BFGS iterations per polish run
+DEFAULT_LBFGS_ITER = 200
+#: at most this many re-whitened L-BFGS runs (until no system gains 1 nat)
+DEFAULT_LBFGS_CYCLES = 3

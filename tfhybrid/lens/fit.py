@@ -11,7 +11,6 @@ comparisons (true vs MAP vs posterior mean ± std, per cent errors, interval cov
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import keras
@@ -21,7 +20,15 @@ import tensorflow_probability as tfp
 
 from tfhybrid.inference.map import MapResult, find_map
 from tfhybrid.inference.mcmc import PosteriorResult, sample_posterior
-from tfhybrid.lens.defaults import DEFAULT_MAP_STEPS, DEFAULT_NUM_STARTS
+from tfhybrid.lens.defaults import (
+    DEFAULT_COARSE_STARTS,
+    DEFAULT_COARSE_STEPS,
+    DEFAULT_LBFGS_CYCLES,
+    DEFAULT_LBFGS_ITER,
+    DEFAULT_MAP_STEPS,
+    DEFAULT_NEWTON_ITER,
+    DEFAULT_NUM_STARTS,
+)
 from tfhybrid.lens.model import STATE_NAMES, LensPosterior
 from tfhybrid.physics.lens_profiles import circularised_einstein_radius
 from tfhybrid.physics.lensing import PARAM_NAMES, resample_source_stamp
@@ -356,14 +363,14 @@ def fit_map(
     progress: bool = True,
     jit_compile: bool = True,
     rtol: float = 1e-6,
-    coarse_starts: int = 16,
-    coarse_steps: int = 500,
+    coarse_starts: int = DEFAULT_COARSE_STARTS,
+    coarse_steps: int = DEFAULT_COARSE_STEPS,
     coarse_factor: int = 4,
     scale_jumps=(0.6, 1.6, 2.6),
     jump_steps: int | None = None,
-    newton_iter: int = 3,
-    lbfgs_iter: int = 200,
-    lbfgs_cycles: int = 3,
+    newton_iter: int = DEFAULT_NEWTON_ITER,
+    lbfgs_iter: int = DEFAULT_LBFGS_ITER,
+    lbfgs_cycles: int = DEFAULT_LBFGS_CYCLES,
 ) -> LensMap:
     """MAP estimate (eq. 26) of every system, multi-start, in one batched graph.
 
@@ -529,7 +536,8 @@ def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, log_det: bool =
 
     # no tensor-dependent Python control flow: AutoGraph has nothing to convert (and warned
     # that it could not read this closure's source)
-    def value_and_grad(x):
+    @tf.function(autograph=False)
+    def fn(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
             parts, jac = _unflatten(posterior, bijs, u, sizes, x)
@@ -537,7 +545,7 @@ def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, log_det: bool =
             total = tf.reduce_sum(lp)
         return lp, tape.gradient(total, x)
 
-    return tf.function(value_and_grad, autograph=False)
+    return fn
 
 
 def _hessian_at(fn, flat, eps: float, chunk_size: int, scheme: str = "forward") -> np.ndarray:
@@ -594,8 +602,9 @@ def laplace_hessian(posterior: LensPosterior, state, eps: float = 1e-3,
                        scheme)
 
 
-def newton_polish(posterior: LensPosterior, state, num_iter: int = 3, rel_floor: float = 1e-6,
-                  lbfgs_iter: int = 200, lbfgs_cycles: int = 3):
+def newton_polish(posterior: LensPosterior, state, num_iter: int = DEFAULT_NEWTON_ITER,
+                  rel_floor: float = 1e-6, lbfgs_iter: int = DEFAULT_LBFGS_ITER,
+                  lbfgs_cycles: int = DEFAULT_LBFGS_CYCLES):
     """Damped Newton steps on eq. 26 in unconstrained space, from ``state`` (e.g. Adam's MAP).
 
     Adam stops short of the mode along the poorly constrained directions (r_Ein–γ–s–z); each
@@ -679,8 +688,9 @@ def _lbfgs_cycles(fn, log_prob, hessian, x, lp, hess, max_iterations: int, max_c
     point where a run does not raise its log p. ``x`` ``(S, D)``, ``lp`` ``(S,)`` and ``hess``
     ``(S, D, D)`` at ``x``; ``log_prob(x)`` and ``hessian(x)`` evaluate them. Returns the three
     at the final point."""
+    run = _lbfgs_runner(fn, max_iterations)  # traced once, reused by every cycle
     for _ in range(max_cycles):
-        x_l = _whitened_lbfgs(fn, x, laplace_whitening(hess, rel_floor), max_iterations)
+        x_l = _whitened_lbfgs(fn, x, laplace_whitening(hess, rel_floor), max_iterations, run)
         lp_l = log_prob(x_l)
         better = np.isfinite(lp_l) & (lp_l > lp)
         if not better.any():
@@ -694,23 +704,22 @@ def _lbfgs_cycles(fn, log_prob, hessian, x, lp, hess, max_iterations: int, max_c
     return x, lp, hess
 
 
-def _whitened_lbfgs(fn, x: np.ndarray, amat: np.ndarray, max_iterations: int) -> np.ndarray:
+def _whitened_lbfgs(fn, x: np.ndarray, amat: np.ndarray, max_iterations: int,
+                    run=None) -> np.ndarray:
     """Maximise ``fn``'s log p by L-BFGS over ``w``, with ``x + A w`` (per system); flat ``(S, D)``.
 
     The systems are independent problems of one batched ``lbfgs_minimize`` call; a system whose
     line search fails keeps its last point. ``fn`` is the polish's compiled value-and-gradient
     function, reused here: :func:`tfhybrid.inference.map.find_map`'s L-BFGS would trace the
     posterior again inside its own graph, which made the Newton-polish test 4x slower
-    (67 s instead of 16 s). The L-BFGS loop itself runs as a graph (:func:`_lbfgs_runner`),
-    calling ``fn`` through ``tf.py_function``.
+    (67 s instead of 16 s). The L-BFGS loop itself runs as a graph, ``run`` (built by
+    :func:`_lbfgs_runner` when not given), calling ``fn`` through ``tf.py_function``.
     """
     x0 = tf.constant(x, tf.float32)
     a = tf.constant(amat, tf.float32)
-    position = _lbfgs_runner(fn, int(max_iterations))(x0, a)
+    run = _lbfgs_runner(fn, int(max_iterations)) if run is None else run
+    position = run(x0, a)
     return (x0 + tf.einsum("sij,sj->si", a, position)).numpy().astype(np.float64)
-
-
-_LBFGS_RUNNERS = weakref.WeakKeyDictionary()
 
 
 def _lbfgs_runner(fn, max_iterations: int):
@@ -719,18 +728,13 @@ def _lbfgs_runner(fn, max_iterations: int):
     Run eagerly, TFP's L-BFGS costs ~40 ms of Python and small-op overhead per iteration
     (measured on a 2-core CPU with a trivial 76-d objective: 7.5 s for 200 iterations, 0.4 s
     as a graph), as much as the posterior's own evaluations. As a graph, the loop is traced
-    once (~2 s) per ``fn``, shape and iteration budget, and reused by every polish cycle.
+    once (~2 s) per input shape, and :func:`_lbfgs_cycles` reuses it for every polish cycle.
     ``fn`` is called through ``tf.py_function``, so the posterior is not traced into (nor
     optimised with) the loop's graph.
     """
-    cache = _LBFGS_RUNNERS.setdefault(fn, {})
-    if max_iterations in cache:
-        return cache[max_iterations]
-
-    fn_ref = weakref.ref(fn)  # the cache's value must not keep its key alive
 
     def neg_log_prob_and_grad(x0, a, w):  # eager, inside tf.py_function
-        lp, g = fn_ref()(x0 + tf.einsum("sij,sj->si", a, w))
+        lp, g = fn(x0 + tf.einsum("sij,sj->si", a, w))
         return -lp, -tf.einsum("sij,si->sj", a, g)
 
     @tf.function(autograph=False)
@@ -748,7 +752,6 @@ def _lbfgs_runner(fn, max_iterations: int):
         )
         return res.position
 
-    cache[max_iterations] = run
     return run
 
 

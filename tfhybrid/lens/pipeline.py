@@ -21,7 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from tfhybrid.io import atomic_path, savefig_atomic, write_json_atomic
-from tfhybrid.lens.defaults import DEFAULT_MAP_STEPS, DEFAULT_NUM_STARTS
+from tfhybrid.lens.defaults import (
+    DEFAULT_COARSE_STARTS,
+    DEFAULT_MAP_STEPS,
+    DEFAULT_NEWTON_ITER,
+    DEFAULT_NUM_STARTS,
+)
 from tfhybrid.lens.fit import (
     LensMap,
     LensSamples,
@@ -230,7 +235,8 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
 
 def run_demo(out_dir, seed: int = 0, map_steps: int = DEFAULT_MAP_STEPS, num_results: int = 150,
              num_burnin: int = 50, num_starts: int = DEFAULT_NUM_STARTS, progress: bool = True,
-             coarse_starts: int = 16, newton_iter: int = 3) -> dict:
+             coarse_starts: int = DEFAULT_COARSE_STARTS,
+             newton_iter: int = DEFAULT_NEWTON_ITER) -> dict:
     """The package's main job on the shipped defaults: one mock, MAP, a short HMC run.
 
     One held-out simulated galaxy lensed by a prior-drawn SPLE + shear lens at the paper's high

@@ -478,7 +478,7 @@ def circularised_einstein_radius(r_ein, q):
     (geometric-mean) radius that lenstronomy calls ``theta_E``. For γ = 2 (the SIE) the
     tangential critical curve is the ellipse of semi-axes ``θ_E / sqrt(q)`` and ``θ_E sqrt(q)``
     and encloses the area ``π θ_E²``. Multiple images pin down that area, so ``θ_E`` is
-    measured far better than ``r_Ein``, which trades off against ``q`` (on the lens mock study
+    measured far better than ``r_Ein``, which trades off against ``q`` (on lens mock study v7
     the MAP's ``θ_E`` was within 1 % in 8/10 systems, ``r_Ein`` in 2/10). NumPy in, NumPy out.
     """
     return np.sqrt(np.asarray(q, dtype=np.float64)) * np.asarray(r_ein, dtype=np.float64)
