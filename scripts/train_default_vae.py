@@ -24,6 +24,7 @@ STAGE2`` (17 epochs, early-stopped). ``scripts/vae_figures.py`` measures it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -39,19 +40,19 @@ DATA_SEED = 2020
 SPLITS = ("train", "validation", "test")
 
 
-def load_or_make_data(n: int, seed: int, cache: Path) -> dict:
+def load_or_make_data(n: int, seed: int, cache: Path, noiseless: bool = False) -> dict:
     """Splits (and per-image noise sigma) of ``make_lensing_training_set(n, seed)``, cached."""
     import numpy as np
 
     from tfhybrid.data.preprocess import make_lensing_training_set
     from tfhybrid.priors.training import save_arrays_npz
 
-    key = f"n={n},seed={seed}"
+    key = f"n={n},seed={seed}" + (",noiseless" if noiseless else "")
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as f:
             if "key" in f.files and str(f["key"]) == key:
                 return {k: f[k] for k in f.files if k != "key"}
-    data = make_lensing_training_set(n, seed, progress=True)
+    data = make_lensing_training_set(n, seed, progress=True, noiseless=noiseless)
     save_arrays_npz(cache, {**data, "key": np.array(key)})
     return data
 
@@ -67,6 +68,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-augment", action="store_true",
                    help="train without random quarter turns and flips of the images")
+    p.add_argument("--noiseless", action="store_true",
+                   help="train on the noise-free versions of the same galaxies (the source "
+                        "prior then learns galaxies, not galaxies blurred by the noise)")
+    p.add_argument("--decoder-sigma", type=float, default=None,
+                   help="sigma_d of the likelihood (default: the 'small' config's 1/50)")
     p.add_argument("--init-from", default=None,
                    help="saved VAE directory (same config) whose weights start the training")
     p.add_argument("--data-seed", type=int, default=DATA_SEED)
@@ -81,10 +87,16 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
 
-    from tfhybrid.priors.vae import save_vae, train_vae
+    from tfhybrid.priors.vae import VAEConfig, save_vae, train_vae
 
     t0 = time.time()
-    data = load_or_make_data(args.n, args.data_seed, Path(args.cache))
+    data = load_or_make_data(args.n, args.data_seed, Path(args.cache), args.noiseless)
+    if args.noiseless:
+        for split in SPLITS:
+            data[split] = data[f"{split}_noiseless"]
+    config = VAEConfig.small()
+    if args.decoder_sigma is not None:
+        config = dataclasses.replace(config, decoder_sigma=args.decoder_sigma)
     print(
         f"data: train {data['train'].shape}, validation {data['validation'].shape}, "
         f"test {data['test'].shape} ({time.time() - t0:.0f} s)",
@@ -94,7 +106,7 @@ def main(argv=None) -> int:
     t1 = time.time()
     model, history = train_vae(
         data["train"],
-        "small",
+        config,
         validation_images=data["validation"],
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -122,6 +134,7 @@ def main(argv=None) -> int:
             "data_seed": args.data_seed,
             "seed": args.seed,
             "augment": not args.no_augment,
+            "noiseless": args.noiseless,
             "init_from": args.init_from,
             "n_train": int(len(data["train"])),
             "n_validation": int(len(data["validation"])),

@@ -218,6 +218,21 @@ def test_make_lensing_training_set_small():
     again = make_lensing_training_set(6, seed=2, fractions=(4, 1, 1), stamp_size=64, size=32,
                                       num_workers=1)
     np.testing.assert_array_equal(out["train"], again["train"])
+    # noiseless=True: the same selection and noisy images, plus each galaxy without its noise,
+    # peak-normalised; the noisy image minus the clean one (at the noisy image's scale) is
+    # the noise, of the recorded sigma.
+    both = make_lensing_training_set(6, seed=2, fractions=(4, 1, 1), stamp_size=64, size=32,
+                                     num_workers=1, noiseless=True)
+    for name in ("train", "validation", "test"):
+        np.testing.assert_array_equal(both[name], out[name])
+        clean = both[f"{name}_noiseless"]
+        assert clean.shape == out[name].shape
+        np.testing.assert_allclose(clean.max(axis=(1, 2)), 1.0)
+    noisy, clean = both["train"], both["train_noiseless"]
+    # least-squares scale of the clean image in the noisy one (noise has zero mean)
+    scale = (noisy * clean).sum(axis=(1, 2)) / (clean * clean).sum(axis=(1, 2))
+    resid = noisy - scale[:, None, None] * clean
+    np.testing.assert_allclose(resid.std(axis=(1, 2)), both["train_noise_sigma"], rtol=0.15)
 
 
 # ---------------------------------------------------------------------------- reconvolution

@@ -615,6 +615,13 @@ def test_initial_model_warm_starts_training(tiny_model, images, tmp_path):
                           initial_model=tmp_path / "init", fit_prior=False, verbose=0)
     np.testing.assert_array_equal(model2.encoder.get_layer("enc_conv1").kernel.numpy(),
                                   tiny_model.encoder.get_layer("enc_conv1").kernel.numpy())
+    # another decoder sigma (not a network weight) is allowed, and the new model keeps its own
+    sharper = VAEConfig(**{**TINY.to_dict(), "decoder_sigma": TINY.decoder_sigma / 4})
+    model3, _ = train_vae(images[:16], sharper, epochs=1, batch_size=8, learning_rate=0.0,
+                          initial_model=tiny_model, fit_prior=False, verbose=0)
+    np.testing.assert_allclose(float(model3.decoder_sigma), TINY.decoder_sigma / 4, rtol=1e-6)
+    np.testing.assert_array_equal(model3.decoder.get_layer("dec_convt5").kernel.numpy(),
+                                  tiny_model.decoder.get_layer("dec_convt5").kernel.numpy())
     other = VAEConfig(**{**TINY.to_dict(), "latent_dim": 5})
     with pytest.raises(TfhybridInputError, match="initial_model has config"):
         train_vae(images[:16], other, epochs=1, batch_size=8, initial_model=tiny_model,

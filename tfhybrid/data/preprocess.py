@@ -242,7 +242,9 @@ def downscale(image, size: int = LENSING_IMAGE_SIZE, preserve: str = "flux") -> 
         )
     dtype = np.float64 if arr.dtype == np.float64 else np.float32
     w = _overlap_matrix(ny, size)
-    out = np.einsum("iy,...yx,jx->...ij", w, arr.astype(np.float64), w)
+    # W X Wᵀ as two matrix products: O(n_out n_in²) instead of the O(n_out² n_in²) of a naive
+    # three-operand einsum (48 ms -> ~1 ms for one 128 -> 64 stamp)
+    out = w @ arr.astype(np.float64) @ w.T
     if preserve == "surface_brightness":
         out = out / (ny / size) ** 2
     return out.astype(dtype)
@@ -470,10 +472,14 @@ def _snr_window(snr_range) -> tuple[float, float]:
     return float(arr[0]), float(arr[1])
 
 
-def _preprocess_lensing(imgs, sigma, size, low, high, min_size):
+def _preprocess_lensing(imgs, sigma, size, low, high, min_size, noiseless=None):
     """Inner loop of ``preprocess_lensing`` (valid input); also returns the (k,) noise sigma of
-    each normalised image (the stamp's sigma through ``downscale``, divided by its peak)."""
-    out, kept, noise = [], [], []
+    each normalised image (the stamp's sigma through ``downscale``, divided by its peak).
+
+    With ``noiseless`` (the stamps without noise, same order), a 4th output holds the kept
+    stamps' noise-free versions, cropped and downscaled alike and divided by their own peak.
+    """
+    out, kept, noise, clean = [], [], [], []
     for k, im in enumerate(imgs):
         if min(im.shape) < min_size:
             continue
@@ -485,11 +491,19 @@ def _preprocess_lensing(imgs, sigma, size, low, high, min_size):
         peak = small.max()
         if peak <= 0:  # cannot normalise; impossible after a positive S/N cut, kept as a guard
             continue
+        if noiseless is not None:
+            free = downscale(crop_to_square(noiseless[k]).astype(np.float64), size,
+                             preserve="flux")
+            free_peak = free.max()
+            clean.append((free / free_peak if free_peak > 0 else free).astype(np.float32))
         out.append((small / peak).astype(np.float32))
         kept.append(k)
         noise.append(downscaled_noise_sigma(sigma[k], square.shape[0], size, "flux") / peak)
     images_out = np.stack(out) if out else np.zeros((0, size, size), np.float32)
-    return images_out, np.asarray(kept, dtype=np.int64), np.asarray(noise, dtype=np.float32)
+    result = (images_out, np.asarray(kept, dtype=np.int64), np.asarray(noise, dtype=np.float32))
+    if noiseless is not None:
+        result += (np.stack(clean) if clean else np.zeros((0, size, size), np.float32),)
+    return result
 
 
 def make_lensing_training_set(
@@ -503,6 +517,7 @@ def make_lensing_training_set(
     max_oversampling: float = 40.0,
     num_workers: int | None = None,
     progress: bool = False,
+    noiseless: bool = False,
 ) -> dict[str, np.ndarray]:
     """``n`` preprocessed 64 × 64 images of the simulated default galaxies, split 3 ways.
 
@@ -532,6 +547,13 @@ def make_lensing_training_set(
         simulated without reaching ``n``.
     num_workers, progress
         Passed to ``simulate_galaxy_stamps``.
+    noiseless : bool
+        Also return each kept galaxy without noise (``train_noiseless``, …): the noise-free
+        stamp, cropped and downscaled alike, divided by its own peak. Selection, order and the
+        noisy images are the same as without it. A simulation-only luxury: a source prior
+        trained on these learns galaxies rather than galaxies blurred by the noise (the
+        lensing paper's VAE, trained on noisy COSMOS stamps, reconstructs "slightly blurred
+        and hazy" sources, its section 5.3).
 
     Returns
     -------
@@ -539,7 +561,8 @@ def make_lensing_training_set(
         ``train``, ``validation``, ``test``: (k, size, size) float32 images (maximum 1);
         ``train_noise_sigma``, ``validation_noise_sigma``, ``test_noise_sigma``: (k,) float32
         per-pixel noise sigma of each normalised image (the stamp's sigma propagated through the
-        downscaling, divided by the same peak).
+        downscaling, divided by the same peak); with ``noiseless``, ``train_noiseless``,
+        ``validation_noiseless``, ``test_noiseless``: (k, size, size) float32, maximum 1.
     """
     n = _check_int("n", n, minimum=1)
     seed = _check_int("seed", seed, minimum=0)
@@ -548,7 +571,7 @@ def make_lensing_training_set(
     check_range("max_oversampling", max_oversampling, low=1.0)
     low, high = _snr_window(snr_range)
     _split_counts(n, fractions)  # validate before the expensive part
-    images, sigmas = [], []
+    images, sigmas, cleans = [], [], []
     n_kept = n_simulated = 0
     rate = _SIMULATED_SNR_ACCEPTANCE
     round_index = 0
@@ -564,15 +587,17 @@ def make_lensing_training_set(
         round_seed = int(np.random.SeedSequence([seed, round_index]).generate_state(1)[0])
         stamps = simulate_galaxy_stamps(
             batch, round_seed, stamp_size=stamp_size, num_workers=num_workers,
-            progress=progress, keep_noiseless=False,
+            progress=progress, keep_noiseless=noiseless,
         )
-        imgs, kept, noise = _preprocess_lensing(
+        imgs, kept, noise, *clean = _preprocess_lensing(
             list(stamps.images), _noise_per_image(stamps.noise_sigma, batch), size,
-            low, high, size,
+            low, high, size, noiseless=stamps.noiseless if noiseless else None,
         )
         take = min(len(kept), n - n_kept)
         images.append(imgs[:take])
         sigmas.append(noise[:take])
+        if noiseless:
+            cleans.append(clean[0][:take])
         n_kept += take
         n_simulated += batch
         round_index += 1
@@ -584,6 +609,8 @@ def make_lensing_training_set(
     for name in ("train", "validation", "test"):
         out[name] = all_images[split[name]]
         out[f"{name}_noise_sigma"] = all_sigma[split[name]]
+        if noiseless:
+            out[f"{name}_noiseless"] = np.concatenate(cleans)[split[name]]
     return out
 
 

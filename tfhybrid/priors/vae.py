@@ -757,8 +757,8 @@ def train_vae(
     fit_prior : fit the section 2.1 latent prior on the training set after training.
     augment : random quarter turns and flips of the training images (:func:`images_dataset`).
     initial_model : a :class:`GalaxyVAE` or a directory written by :func:`save_vae`, of the same
-        config, whose network weights start the training (fine-tuning); a checkpoint in
-        ``checkpoint_dir`` still takes precedence when resuming.
+        config but perhaps another ``decoder_sigma``, whose network weights start the training
+        (fine-tuning); a checkpoint in ``checkpoint_dir`` still takes precedence when resuming.
 
     Returns
     -------
@@ -784,13 +784,17 @@ def train_vae(
         if initial_model is not None:
             if not isinstance(initial_model, GalaxyVAE):
                 initial_model = load_vae(initial_model)
-            if initial_model.config != config:
+            # sigma_d may change (fine-tuning at a new likelihood width); the networks may not
+            same = dataclasses.replace(initial_model.config, decoder_sigma=config.decoder_sigma)
+            if same != config:
                 raise TfhybridInputError(
-                    f"initial_model has config {initial_model.config}; expected {config}"
+                    f"initial_model has config {initial_model.config}; expected {config} "
+                    "(only decoder_sigma may differ)"
                 )
             model(tf.zeros((1, IMAGE_SIZE, IMAGE_SIZE), tf.float32))
             for target, source in zip(model.weights, initial_model.weights, strict=True):
-                target.assign(source)
+                if target.path != model.log_decoder_sigma.path:
+                    target.assign(source)
     train_ds = images_dataset(train_images, batch_size, shuffle_seed=seed, augment=augment)
     with warnings.catch_warnings():
         # The dataset is shuffled by images_dataset; Keras warns that fit's shuffle is unused.
