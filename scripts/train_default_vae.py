@@ -71,6 +71,10 @@ def main(argv=None) -> int:
     p.add_argument("--noiseless", action="store_true",
                    help="train on the noise-free versions of the same galaxies (the source "
                         "prior then learns galaxies, not galaxies blurred by the noise)")
+    p.add_argument("--central-third", action="store_true",
+                   help="zoom every image so its 90 %%-flux radius is 1/6 of the side "
+                        "(rescale_to_central_third, as the lensing mocks' sources are): the "
+                        "galaxy's physical size is then the lens model's s alone")
     p.add_argument("--decoder-sigma", type=float, default=None,
                    help="sigma_d of the likelihood (default: the 'small' config's 1/50)")
     p.add_argument("--init-from", default=None,
@@ -87,6 +91,8 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
 
+    import numpy as np
+
     from tfhybrid.priors.vae import VAEConfig, save_vae, train_vae
 
     t0 = time.time()
@@ -94,6 +100,11 @@ def main(argv=None) -> int:
     if args.noiseless:
         for split in SPLITS:
             data[split] = data[f"{split}_noiseless"]
+    if args.central_third:
+        from tfhybrid.data.preprocess import rescale_to_central_third
+
+        for split in SPLITS:
+            data[split] = np.stack([rescale_to_central_third(x) for x in data[split]])
     config = VAEConfig.small()
     if args.decoder_sigma is not None:
         config = dataclasses.replace(config, decoder_sigma=args.decoder_sigma)
@@ -135,6 +146,7 @@ def main(argv=None) -> int:
             "seed": args.seed,
             "augment": not args.no_augment,
             "noiseless": args.noiseless,
+            "central_third": args.central_third,
             "init_from": args.init_from,
             "n_train": int(len(data["train"])),
             "n_validation": int(len(data["validation"])),

@@ -32,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from scipy import ndimage
 
 from tfhybrid.data.preprocess import (
     LENSING_IMAGE_SIZE,
     LENSING_SNR_RANGE,
     crop_to_square,
     downscale,
+    rescale_to_central_third,
     snr_cut_mask,
 )
 from tfhybrid.data.simulate import simulate_galaxy_stamps
@@ -147,33 +147,6 @@ class MockSystems:
             for i in range(self.num_systems)
         ]
         return "\n".join([head, sig, *rows])
-
-
-def rescale_to_central_third(image: np.ndarray, zoom_range=(0.5, 2.0)) -> np.ndarray:
-    """Zoom a source image about its centroid so its 90 %-flux radius is 1/6 of the side.
-
-    Linear (order-1) resampling with scipy; the output has the input's shape, is clipped at 0
-    and peak-normalised. The zoom factor is clipped to ``zoom_range``.
-    """
-    img = np.clip(np.asarray(image, dtype=np.float64), 0.0, None)
-    n = img.shape[-1]
-    total = img.sum()
-    if not total > 0:
-        raise TfhybridInputError("source image has no positive flux; cannot rescale it")
-    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
-    cy, cx = (img * yy).sum() / total, (img * xx).sum() / total
-    r = np.hypot(yy - cy, xx - cx).ravel()
-    order = np.argsort(r)
-    cum = np.cumsum(img.ravel()[order])
-    r90 = r[order][np.searchsorted(cum, 0.9 * total)]
-    zoom = float(np.clip((n / 6.0) / max(r90, 0.5), *zoom_range))
-    # output pixel (i, j) samples the input at centroid + (i - c_out) / zoom
-    c_out = 0.5 * (n - 1)
-    out_y, out_x = np.mgrid[: img.shape[0], : img.shape[1]].astype(np.float64)
-    coords = np.stack([cy + (out_y - c_out) / zoom, cx + (out_x - c_out) / zoom])
-    out = ndimage.map_coordinates(img, coords, order=1, mode="constant", cval=0.0)
-    out = np.clip(out, 0.0, None)
-    return (out / out.max()).astype(np.float32)
 
 
 def held_out_sources(n: int, seed: int = 0, stamp_size: int = 128,
