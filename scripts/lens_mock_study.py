@@ -109,6 +109,9 @@ def main(argv=None) -> dict:
                    help="whitened L-BFGS iterations after the Newton iterations (0: none)")
     p.add_argument("--lbfgs-cycles", type=int, default=DEFAULT_LBFGS_CYCLES,
                    help="at most this many re-whitened L-BFGS runs (until no system gains 1 nat)")
+    p.add_argument("--jump-stage", choices=("full", "coarse"), default="full",
+                   help="source-scale jumps after the full-resolution optimiser, or on the "
+                        "coarse grid as part of the global search (fit_map's jump_stage)")
     p.add_argument("--vae", default=None, help="saved VAE directory (default: the shipped one)")
     p.add_argument("--representable-sources", action="store_true",
                    help="control: replace each held-out source by the VAE decoding of its MAP "
@@ -184,7 +187,8 @@ def main(argv=None) -> dict:
         fit = fit_map(posterior, num_starts=args.num_starts, num_steps=args.map_steps,
                       seed=args.seed, progress=args.progress, coarse_starts=args.coarse_starts,
                       coarse_steps=args.coarse_steps, newton_iter=args.newton_iter,
-                      lbfgs_iter=args.lbfgs_iter, lbfgs_cycles=args.lbfgs_cycles)
+                      lbfgs_iter=args.lbfgs_iter, lbfgs_cycles=args.lbfgs_cycles,
+                      jump_stage=args.jump_stage)
         map_summary = write_fit_outputs(out / "map", posterior, fit, mocks, labels=labels)
         hessian = fit.hessian
         if hessian is not None:

@@ -42,14 +42,21 @@ ROT_RADIUS_PX = 28.0
 BLUR_SIGMAS_PX = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 
 
-def held_out_set(n_stamps: int, seed: int):
-    """(noisy, truth, sigma) of simulated galaxies through the lensing preprocessing."""
+def held_out_set(n_stamps: int, seed: int, central_third: bool = False):
+    """(noisy, truth, sigma) of simulated galaxies through the lensing preprocessing.
+
+    ``central_third``: for a VAE trained on galaxies zoomed to fill the central third
+    (``train_default_vae.py --central-third``), each truth is zoomed likewise
+    (``rescale_to_central_third``, peak 1) and the noisy image is that truth plus fresh white
+    noise of the image's sigma (seeded by ``seed``).
+    """
     import numpy as np
 
     from tfhybrid.data.preprocess import (
         LENSING_SNR_RANGE,
         downscale,
         downscaled_noise_sigma,
+        rescale_to_central_third,
         snr_cut_mask,
     )
     from tfhybrid.data.simulate import simulate_galaxy_stamps
@@ -60,6 +67,11 @@ def held_out_set(n_stamps: int, seed: int):
     truth = downscale(stamps.noiseless[keep].astype(np.float64), 64)
     peak = noisy.max(axis=(1, 2))
     sigma = downscaled_noise_sigma(stamps.noise_sigma[keep], 128, 64) / peak
+    if central_third:
+        truth = np.stack([rescale_to_central_third(t) for t in truth]).astype(np.float64)
+        rng = np.random.default_rng(seed)
+        noisy = truth + sigma[:, None, None] * rng.standard_normal(truth.shape)
+        peak = np.ones(len(truth))
     return (
         (noisy / peak[:, None, None]).astype(np.float32),
         (truth / peak[:, None, None]).astype(np.float32),
@@ -100,11 +112,16 @@ def main(argv=None) -> int:
     from scipy import ndimage
 
     from tfhybrid.io import savefig_atomic, write_json_atomic
-    from tfhybrid.priors.vae import load_default_vae, load_vae
+    from tfhybrid.priors.vae import default_vae_path, load_default_vae, load_vae, read_vae_config
 
     t0 = time.time()
     model = load_vae(args.model) if args.model else load_default_vae()
-    noisy, truth, sigma = held_out_set(args.n_stamps, args.seed)
+    _, metadata = read_vae_config(args.model or default_vae_path())
+    central_third = bool(metadata.get("central_third", False))
+    noisy, truth, sigma = held_out_set(args.n_stamps, args.seed, central_third)
+    if central_third:
+        print("the VAE was trained on galaxies zoomed to the central third: so are these",
+              flush=True)
     n = len(noisy)
     print(f"held-out set: {n} images ({time.time() - t0:.0f} s)", flush=True)
     out = Path(args.out)
@@ -192,6 +209,7 @@ def main(argv=None) -> int:
     metrics = {
         "n_held_out": n,
         "held_out_seed": args.seed,
+        "central_third": central_third,
         "noise_sigma_median": float(np.median(sigma)),
         "mean_normalised_residual": float(norm_resid.mean()),
         "rms_normalised_residual": float(np.sqrt(np.mean(norm_resid**2))),

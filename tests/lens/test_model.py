@@ -265,6 +265,20 @@ def test_coarse_global_search_finds_the_basin_from_the_prior(vae, problem):
         fit_map(post, num_starts=4, coarse_starts=2, progress=False)
 
 
+def test_coarse_stage_jumps_compete_for_the_full_resolution_starts(vae, problem):
+    # jump_stage="coarse": the jumps start from the best coarse optimum and run on the coarse
+    # grid; the full-resolution starts are the best of the coarse starts and the jumps' results
+    post = LensPosterior(problem["observed"], SIGMA, vae, CONFIG)
+    fit = fit_map(post, num_starts=2, num_steps=1200, coarse_starts=12, coarse_steps=400,
+                  coarse_factor=2, seed=1, progress=False, newton_iter=3, jump_stage="coarse")
+    assert fit.jump_gain is None
+    assert fit.scale_jump.shape == (1,) and fit.scale_jump[0] in (1.0, 0.6, 1.6, 2.6)
+    assert "source-scale jumps on the coarse grid won in" in fit.message
+    assert abs(fit.params["r_ein"][0] / TRUTH["r_ein"] - 1) < 0.01, fit.params["r_ein"]
+    with pytest.raises(TfhybridInputError, match="jump_stage must be"):
+        fit_map(post, jump_stage="fine", progress=False)
+
+
 class ScalableBlob:
     """Stand-in source model that can draw its galaxy at any size on the stamp.
 

@@ -71,6 +71,9 @@ def register(subparsers) -> None:
             p.add_argument("--scale-jumps", type=float, nargs="*", default=[0.6, 1.6, 2.6],
                            help="source-scale factors tried after the search (s -> k s with "
                                 "the source redrawn; none: off)")
+            p.add_argument("--jump-stage", choices=("full", "coarse"), default="full",
+                           help="run the jumps after the full-resolution fit (default) or on "
+                                "the coarse grid, where they compete for the starts (faster)")
             p.add_argument("--newton-iter", type=int, default=DEFAULT_NEWTON_ITER,
                            help="damped Newton iterations with the full Hessian after Adam "
                                 "(0: no polish)")
@@ -185,7 +188,8 @@ def run_fit(args) -> int:
                   seed=args.seed, progress=not args.no_progress,
                   coarse_starts=args.coarse_starts, coarse_steps=args.coarse_steps,
                   scale_jumps=args.scale_jumps, newton_iter=args.newton_iter,
-                  lbfgs_iter=args.lbfgs_iter, lbfgs_cycles=args.lbfgs_cycles)
+                  lbfgs_iter=args.lbfgs_iter, lbfgs_cycles=args.lbfgs_cycles,
+                  jump_stage=args.jump_stage)
     summary = write_fit_outputs(args.out, posterior, fit, mocks, labels=labels)
     chi2 = ", ".join(f"{c:.3f}" for c in summary["chi2_per_pixel"])
     print(f"MAP of {len(labels)} system(s) in {fit.wall_time_s:.1f} s; chi2/pixel {chi2}; "
