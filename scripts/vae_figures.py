@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     parser.add_argument("--n-stamps", type=int, default=800, help="simulated before the S/N cut")
     parser.add_argument("--n-rot", type=int, default=16, help="galaxies in the rotation spread")
     parser.add_argument("--seed", type=int, default=777)
+    parser.add_argument("--central-third", action="store_true",
+                        help="zoom the held-out galaxies to fill the central third (default: "
+                             "only for a VAE trained that way, per its config.json)")
     parser.add_argument("--latent-steps", type=int, default=300,
                         help="Adam steps of the latent MAP reconstruction")
     args = parser.parse_args(argv)
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     model = load_vae(args.model) if args.model else load_default_vae()
     _, metadata = read_vae_config(args.model or default_vae_path())
-    central_third = bool(metadata.get("central_third", False))
+    central_third = args.central_third or bool(metadata.get("central_third", False))
     noisy, truth, sigma = held_out_set(args.n_stamps, args.seed, central_third)
     if central_third:
         print("the VAE was trained on galaxies zoomed to the central third: so are these",
