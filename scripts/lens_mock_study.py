@@ -6,9 +6,10 @@ the source is multiply imaged, ``--min-images 2``) are fitted with the shipped V
 model:
 
 1. one batched MAP over all systems (:func:`tfhybrid.lens.fit.fit_map`): a global search with
-   ``--coarse-starts`` starts per system on a 4x coarser grid, the ``--num-starts`` best refined
-   by Adam at full resolution, jumps between source-scale modes (``fit_map``'s default
-   ``scale_jumps``), then ``--newton-iter`` damped Newton iterations with the full Hessian and
+   ``--coarse-starts`` starts per system on a 4x coarser grid plus jumps between source-scale
+   modes (``fit_map``'s default ``scale_jumps``, on the coarse grid by default: ``--jump-stage``),
+   the ``--num-starts`` best refined by Adam at full resolution, then ``--newton-iter`` damped
+   Newton iterations with the full Hessian and
    ``--lbfgs-iter`` L-BFGS iterations in coordinates whitened by it;
 2. HMC from the MAP, all systems in one batched chain, in coordinates whitened by the Hessian
    at the MAP (``--num-burnin`` warm-up draws discarded, then ``--num-results`` draws; the
@@ -55,6 +56,7 @@ from pathlib import Path
 from tfhybrid.lens.defaults import (
     DEFAULT_COARSE_STARTS,
     DEFAULT_COARSE_STEPS,
+    DEFAULT_JUMP_STAGE,
     DEFAULT_LBFGS_CYCLES,
     DEFAULT_LBFGS_ITER,
     DEFAULT_MAP_STEPS,
@@ -109,7 +111,7 @@ def main(argv=None) -> dict:
                    help="whitened L-BFGS iterations after the Newton iterations (0: none)")
     p.add_argument("--lbfgs-cycles", type=int, default=DEFAULT_LBFGS_CYCLES,
                    help="at most this many re-whitened L-BFGS runs (until no system gains 1 nat)")
-    p.add_argument("--jump-stage", choices=("full", "coarse"), default="full",
+    p.add_argument("--jump-stage", choices=("full", "coarse"), default=DEFAULT_JUMP_STAGE,
                    help="source-scale jumps after the full-resolution optimiser, or on the "
                         "coarse grid as part of the global search (fit_map's jump_stage)")
     p.add_argument("--vae", default=None, help="saved VAE directory (default: the shipped one)")

@@ -254,7 +254,7 @@ def test_coarse_global_search_finds_the_basin_from_the_prior(vae, problem):
     # The Einstein radius must come out within 1 %.
     post = LensPosterior(problem["observed"], SIGMA, vae, CONFIG)
     fit = fit_map(post, num_starts=1, num_steps=1200, coarse_starts=12, coarse_steps=400,
-                  coarse_factor=2, seed=1, progress=False, newton_iter=3)
+                  coarse_factor=2, seed=1, progress=False, newton_iter=3, jump_stage="full")
     assert fit.hessian.shape == (1, 20, 20)
     # the source-scale jumps ran after the search (and a jump only replaces a worse estimate)
     assert fit.scale_jump.shape == (1,) and fit.jump_gain[0] >= 0.0
@@ -266,11 +266,12 @@ def test_coarse_global_search_finds_the_basin_from_the_prior(vae, problem):
 
 
 def test_coarse_stage_jumps_compete_for_the_full_resolution_starts(vae, problem):
-    # jump_stage="coarse": the jumps start from the best coarse optimum and run on the coarse
-    # grid; the full-resolution starts are the best of the coarse starts and the jumps' results
+    # jump_stage="coarse" (the default): the jumps start from the best coarse optimum and run
+    # on the coarse grid; the full-resolution starts are the best of the coarse starts and the
+    # jumps' results
     post = LensPosterior(problem["observed"], SIGMA, vae, CONFIG)
     fit = fit_map(post, num_starts=2, num_steps=1200, coarse_starts=12, coarse_steps=400,
-                  coarse_factor=2, seed=1, progress=False, newton_iter=3, jump_stage="coarse")
+                  coarse_factor=2, seed=1, progress=False, newton_iter=3)
     assert fit.jump_gain is None
     assert fit.scale_jump.shape == (1,) and fit.scale_jump[0] in (1.0, 0.6, 1.6, 2.6)
     assert "source-scale jumps on the coarse grid won in" in fit.message

@@ -15,6 +15,7 @@ from pathlib import Path
 from tfhybrid.lens.defaults import (
     DEFAULT_COARSE_STARTS,
     DEFAULT_COARSE_STEPS,
+    DEFAULT_JUMP_STAGE,
     DEFAULT_LBFGS_CYCLES,
     DEFAULT_LBFGS_ITER,
     DEFAULT_MAP_STEPS,
@@ -71,9 +72,11 @@ def register(subparsers) -> None:
             p.add_argument("--scale-jumps", type=float, nargs="*", default=[0.6, 1.6, 2.6],
                            help="source-scale factors tried after the search (s -> k s with "
                                 "the source redrawn; none: off)")
-            p.add_argument("--jump-stage", choices=("full", "coarse"), default="full",
-                           help="run the jumps after the full-resolution fit (default) or on "
-                                "the coarse grid, where they compete for the starts (faster)")
+            p.add_argument("--jump-stage", choices=("full", "coarse"),
+                           default=DEFAULT_JUMP_STAGE,
+                           help="run the jumps on the coarse grid, where they compete for the "
+                                "full-resolution starts (default), or after the "
+                                "full-resolution fit (slower)")
             p.add_argument("--newton-iter", type=int, default=DEFAULT_NEWTON_ITER,
                            help="damped Newton iterations with the full Hessian after Adam "
                                 "(0: no polish)")

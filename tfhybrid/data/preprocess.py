@@ -8,7 +8,10 @@ rest to squares (:func:`crop_to_square`), downscale to 64 × 64 (:func:`downscal
 images with ``15 <= max(I_1/4) / sigma_noise <= 50`` (:func:`snr_quarter`,
 :func:`snr_cut_mask`), split into 15 500 / 500 / 1 543 training / test / validation images
 (:func:`split_indices`) and divide each image by its maximum (:func:`preprocess_lensing`).
-:func:`make_lensing_training_set` applies the same chain to the simulated default galaxies.
+:func:`make_lensing_training_set` applies the same chain to the simulated default galaxies
+(and, with ``noiseless=True``, keeps each one's noise-free version too).
+:func:`rescale_to_central_third` zooms a source to fill the central third of its stamp, as the
+lensing paper's mocks place their sources (section 5.1).
 
 Deblending paper
 ----------------

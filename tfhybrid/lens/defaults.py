@@ -12,8 +12,11 @@ DEFAULT_COARSE_STARTS = 16
 DEFAULT_COARSE_STEPS = 500
 #: full-resolution starts per system (the best of the coarse search)
 DEFAULT_NUM_STARTS = 2
-#: full-resolution Adam steps (the source-scale jumps run half as many)
+#: full-resolution Adam steps
 DEFAULT_MAP_STEPS = 1500
+#: where the source-scale jumps run: "coarse" (on the coarse grid, competing for the
+#: full-resolution starts) or "full" (after the full-resolution optimiser, num_steps // 2 steps)
+DEFAULT_JUMP_STAGE = "coarse"
 #: damped Newton iterations of the polish
 DEFAULT_NEWTON_ITER = 3
 #: whitened L-BFGS iterations per polish run
