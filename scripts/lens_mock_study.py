@@ -112,8 +112,9 @@ def main(argv=None) -> dict:
     p.add_argument("--lbfgs-cycles", type=int, default=DEFAULT_LBFGS_CYCLES,
                    help="at most this many re-whitened L-BFGS runs (until no system gains 1 nat)")
     p.add_argument("--jump-stage", choices=("full", "coarse"), default=DEFAULT_JUMP_STAGE,
-                   help="source-scale jumps after the full-resolution optimiser, or on the "
-                        "coarse grid as part of the global search (fit_map's jump_stage)")
+                   help="source-scale jumps on the coarse grid as part of the global search "
+                        "(default), or after the full-resolution optimiser (fit_map's "
+                        "jump_stage)")
     p.add_argument("--vae", default=None, help="saved VAE directory (default: the shipped one)")
     p.add_argument("--representable-sources", action="store_true",
                    help="control: replace each held-out source by the VAE decoding of its MAP "

@@ -70,8 +70,8 @@ def register(subparsers) -> None:
                                 "(0: none, start from prior medians and draws)")
             p.add_argument("--coarse-steps", type=int, default=DEFAULT_COARSE_STEPS)
             p.add_argument("--scale-jumps", type=float, nargs="*", default=[0.6, 1.6, 2.6],
-                           help="source-scale factors tried after the search (s -> k s with "
-                                "the source redrawn; none: off)")
+                           help="source-scale factors tried (s -> k s with the source "
+                                "redrawn; none: off), where --jump-stage says")
             p.add_argument("--jump-stage", choices=("full", "coarse"),
                            default=DEFAULT_JUMP_STAGE,
                            help="run the jumps on the coarse grid, where they compete for the "
