@@ -53,16 +53,8 @@ import os
 import time
 from pathlib import Path
 
-from tfhybrid.lens.defaults import (
-    DEFAULT_COARSE_STARTS,
-    DEFAULT_COARSE_STEPS,
-    DEFAULT_JUMP_STAGE,
-    DEFAULT_LBFGS_CYCLES,
-    DEFAULT_LBFGS_ITER,
-    DEFAULT_MAP_STEPS,
-    DEFAULT_NEWTON_ITER,
-    DEFAULT_NUM_STARTS,
-)
+from tfhybrid.cli.lens import add_map_pipeline_options, map_pipeline_options
+from tfhybrid.lens.defaults import DEFAULT_MAP_STEPS, DEFAULT_NUM_STARTS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -102,19 +94,7 @@ def main(argv=None) -> dict:
                         "this (0: keep singly imaged systems)")
     p.add_argument("--num-starts", type=int, default=DEFAULT_NUM_STARTS)
     p.add_argument("--map-steps", type=int, default=DEFAULT_MAP_STEPS)
-    p.add_argument("--coarse-starts", type=int, default=DEFAULT_COARSE_STARTS,
-                   help="global search: starts per system on the 4x coarser grid (0: none)")
-    p.add_argument("--coarse-steps", type=int, default=DEFAULT_COARSE_STEPS)
-    p.add_argument("--newton-iter", type=int, default=DEFAULT_NEWTON_ITER,
-                   help="Newton iterations with the full Hessian after Adam (0: no polish)")
-    p.add_argument("--lbfgs-iter", type=int, default=DEFAULT_LBFGS_ITER,
-                   help="whitened L-BFGS iterations after the Newton iterations (0: none)")
-    p.add_argument("--lbfgs-cycles", type=int, default=DEFAULT_LBFGS_CYCLES,
-                   help="at most this many re-whitened L-BFGS runs (until no system gains 1 nat)")
-    p.add_argument("--jump-stage", choices=("full", "coarse"), default=DEFAULT_JUMP_STAGE,
-                   help="source-scale jumps on the coarse grid as part of the global search "
-                        "(default), or after the full-resolution optimiser (fit_map's "
-                        "jump_stage)")
+    add_map_pipeline_options(p)  # --coarse-starts ... --lbfgs-cycles, as `tfhybrid lens fit`
     p.add_argument("--vae", default=None, help="saved VAE directory (default: the shipped one)")
     p.add_argument("--representable-sources", action="store_true",
                    help="control: replace each held-out source by the VAE decoding of its MAP "
@@ -188,10 +168,7 @@ def main(argv=None) -> dict:
         hessian = np.load(hess_path) if hess_path.is_file() else None
     else:
         fit = fit_map(posterior, num_starts=args.num_starts, num_steps=args.map_steps,
-                      seed=args.seed, progress=args.progress, coarse_starts=args.coarse_starts,
-                      coarse_steps=args.coarse_steps, newton_iter=args.newton_iter,
-                      lbfgs_iter=args.lbfgs_iter, lbfgs_cycles=args.lbfgs_cycles,
-                      jump_stage=args.jump_stage)
+                      seed=args.seed, progress=args.progress, **map_pipeline_options(args))
         map_summary = write_fit_outputs(out / "map", posterior, fit, mocks, labels=labels)
         hessian = fit.hessian
         if hessian is not None:

@@ -24,6 +24,40 @@ from tfhybrid.lens.defaults import (
 )
 
 
+def add_map_pipeline_options(p: argparse.ArgumentParser) -> None:
+    """The MAP pipeline's options beyond starts and steps (global search, source-scale jumps,
+    polish), with :mod:`tfhybrid.lens.defaults` as defaults; shared by ``tfhybrid lens fit`` and
+    ``scripts/lens_mock_study.py``. :func:`map_pipeline_options` reads them back."""
+    p.add_argument("--coarse-starts", type=int, default=DEFAULT_COARSE_STARTS,
+                   help="global search: starts per system on a 4x coarser grid "
+                        "(0: none, start from prior medians and draws)")
+    p.add_argument("--coarse-steps", type=int, default=DEFAULT_COARSE_STEPS)
+    p.add_argument("--scale-jumps", type=float, nargs="*", default=[0.6, 1.6, 2.6],
+                   help="source-scale factors tried (s -> k s with the source redrawn; "
+                        "none: off), where --jump-stage says")
+    p.add_argument("--jump-stage", choices=("full", "coarse"), default=DEFAULT_JUMP_STAGE,
+                   help="run the jumps on the coarse grid, where they compete for the "
+                        "full-resolution starts (default), or after the full-resolution fit "
+                        "(slower)")
+    p.add_argument("--newton-iter", type=int, default=DEFAULT_NEWTON_ITER,
+                   help="damped Newton iterations with the full Hessian after Adam "
+                        "(0: no polish)")
+    p.add_argument("--lbfgs-iter", type=int, default=DEFAULT_LBFGS_ITER,
+                   help="L-BFGS iterations after the Newton iterations, in coordinates "
+                        "whitened by the Hessian (0: none)")
+    p.add_argument("--lbfgs-cycles", type=int, default=DEFAULT_LBFGS_CYCLES,
+                   help="at most this many L-BFGS runs, each re-whitened where the last "
+                        "stopped, until no system gains 1 nat")
+
+
+def map_pipeline_options(args) -> dict:
+    """:func:`tfhybrid.lens.fit.fit_map` keyword arguments of :func:`add_map_pipeline_options`."""
+    return dict(coarse_starts=args.coarse_starts, coarse_steps=args.coarse_steps,
+                scale_jumps=args.scale_jumps, jump_stage=args.jump_stage,
+                newton_iter=args.newton_iter, lbfgs_iter=args.lbfgs_iter,
+                lbfgs_cycles=args.lbfgs_cycles)
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "lens", help="strong lensing: mocks, MAP fits, HMC posteriors, reports",
@@ -65,27 +99,7 @@ def register(subparsers) -> None:
             p.add_argument("--steps", type=int, default=DEFAULT_MAP_STEPS)
             p.add_argument("--starts", type=int, default=DEFAULT_NUM_STARTS,
                            help="full-resolution starts per system (the best coarse ones)")
-            p.add_argument("--coarse-starts", type=int, default=DEFAULT_COARSE_STARTS,
-                           help="global search: starts per system on a 4x coarser grid "
-                                "(0: none, start from prior medians and draws)")
-            p.add_argument("--coarse-steps", type=int, default=DEFAULT_COARSE_STEPS)
-            p.add_argument("--scale-jumps", type=float, nargs="*", default=[0.6, 1.6, 2.6],
-                           help="source-scale factors tried (s -> k s with the source "
-                                "redrawn; none: off), where --jump-stage says")
-            p.add_argument("--jump-stage", choices=("full", "coarse"),
-                           default=DEFAULT_JUMP_STAGE,
-                           help="run the jumps on the coarse grid, where they compete for the "
-                                "full-resolution starts (default), or after the "
-                                "full-resolution fit (slower)")
-            p.add_argument("--newton-iter", type=int, default=DEFAULT_NEWTON_ITER,
-                           help="damped Newton iterations with the full Hessian after Adam "
-                                "(0: no polish)")
-            p.add_argument("--lbfgs-iter", type=int, default=DEFAULT_LBFGS_ITER,
-                           help="L-BFGS iterations after the Newton iterations, in coordinates "
-                                "whitened by the Hessian (0: none)")
-            p.add_argument("--lbfgs-cycles", type=int, default=DEFAULT_LBFGS_CYCLES,
-                           help="at most this many L-BFGS runs, each re-whitened where the "
-                                "last stopped, until no system gains 1 nat")
+            add_map_pipeline_options(p)
             p.set_defaults(func=run_fit)
         else:
             p.add_argument("--map", required=True, help="map.json of tfhybrid lens fit")
@@ -188,11 +202,7 @@ def run_fit(args) -> int:
                      f"({args.starts})")
     posterior, mocks, labels = _load(args)
     fit = fit_map(posterior, num_starts=args.starts, method=args.method, num_steps=args.steps,
-                  seed=args.seed, progress=not args.no_progress,
-                  coarse_starts=args.coarse_starts, coarse_steps=args.coarse_steps,
-                  scale_jumps=args.scale_jumps, newton_iter=args.newton_iter,
-                  lbfgs_iter=args.lbfgs_iter, lbfgs_cycles=args.lbfgs_cycles,
-                  jump_stage=args.jump_stage)
+                  seed=args.seed, progress=not args.no_progress, **map_pipeline_options(args))
     summary = write_fit_outputs(args.out, posterior, fit, mocks, labels=labels)
     chi2 = ", ".join(f"{c:.3f}" for c in summary["chi2_per_pixel"])
     print(f"MAP of {len(labels)} system(s) in {fit.wall_time_s:.1f} s; chi2/pixel {chi2}; "

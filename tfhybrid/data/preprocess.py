@@ -465,7 +465,7 @@ def preprocess_lensing(
     low, high = _snr_window(snr_range)
     for k, im in enumerate(imgs):
         check_finite(f"images[{k}]", im)
-    out, kept, _ = _preprocess_lensing(imgs, sigma, size, low, high, min_size)
+    out, kept, _, _ = _preprocess_lensing(imgs, sigma, size, low, high, min_size)
     return out, kept
 
 
@@ -480,8 +480,9 @@ def _preprocess_lensing(imgs, sigma, size, low, high, min_size, noiseless=None):
     """Inner loop of ``preprocess_lensing`` (valid input); also returns the (k,) noise sigma of
     each normalised image (the stamp's sigma through ``downscale``, divided by its peak).
 
-    With ``noiseless`` (the stamps without noise, same order), a 4th output holds the kept
-    stamps' noise-free versions, cropped and downscaled alike and divided by their own peak.
+    The 4th output is None, or with ``noiseless`` (the stamps without noise, same order) the
+    kept stamps' noise-free versions, cropped and downscaled alike and divided by their own
+    peak.
     """
     out, kept, noise, clean = [], [], [], []
     for k, im in enumerate(imgs):
@@ -504,10 +505,10 @@ def _preprocess_lensing(imgs, sigma, size, low, high, min_size, noiseless=None):
         kept.append(k)
         noise.append(downscaled_noise_sigma(sigma[k], square.shape[0], size, "flux") / peak)
     images_out = np.stack(out) if out else np.zeros((0, size, size), np.float32)
-    result = (images_out, np.asarray(kept, dtype=np.int64), np.asarray(noise, dtype=np.float32))
-    if noiseless is not None:
-        result += (np.stack(clean) if clean else np.zeros((0, size, size), np.float32),)
-    return result
+    clean_out = None if noiseless is None else (
+        np.stack(clean) if clean else np.zeros((0, size, size), np.float32))
+    return (images_out, np.asarray(kept, dtype=np.int64), np.asarray(noise, dtype=np.float32),
+            clean_out)
 
 
 def rescale_to_central_third(image: np.ndarray, zoom_range=(0.5, 2.0)) -> np.ndarray:
@@ -620,7 +621,7 @@ def make_lensing_training_set(
             batch, round_seed, stamp_size=stamp_size, num_workers=num_workers,
             progress=progress, keep_noiseless=noiseless,
         )
-        imgs, kept, noise, *clean = _preprocess_lensing(
+        imgs, kept, noise, clean = _preprocess_lensing(
             list(stamps.images), _noise_per_image(stamps.noise_sigma, batch), size,
             low, high, size, noiseless=stamps.noiseless if noiseless else None,
         )
@@ -628,7 +629,7 @@ def make_lensing_training_set(
         images.append(imgs[:take])
         sigmas.append(noise[:take])
         if noiseless:
-            cleans.append(clean[0][:take])
+            cleans.append(clean[:take])
         n_kept += take
         n_simulated += batch
         round_index += 1

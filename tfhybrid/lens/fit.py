@@ -442,6 +442,7 @@ def fit_map(
     if jump_stage not in ("full", "coarse"):
         raise TfhybridInputError(f"jump_stage must be 'full' or 'coarse'; got {jump_stage!r}")
     global_search = coarse_starts > 0 and initial_state is None
+    jumps = global_search and len(scale_jumps) > 0
     t_coarse = time.perf_counter()
     if global_search:
         if coarse_starts < num_starts:
@@ -457,7 +458,7 @@ def fit_map(
         )
         lp_c = np.asarray(res_c.log_prob).reshape(coarse_starts, -1)
         pool = [np.asarray(part) for part in res_c.state]
-        if jump_stage == "coarse" and len(scale_jumps) > 0:
+        if jumps and jump_stage == "coarse":
             best_c = np.argmax(np.where(np.isfinite(lp_c), lp_c, -np.inf), axis=0)
             cols_c = np.arange(lp_c.shape[1])
             res_cj = source_scale_jumps(
@@ -500,9 +501,9 @@ def fit_map(
         params[name] = arr[best, cols]
     z = np.asarray(res.state[-1], dtype=np.float32).reshape(lp.shape + (-1,))[best, cols]
     fit = LensMap(params, z, lp[best, cols], best, res, wall)
-    if global_search and len(scale_jumps) > 0 and jump_stage == "coarse":
+    if jumps and jump_stage == "coarse":
         fit.scale_jump = start_factor[best, cols]
-    if global_search and len(scale_jumps) > 0 and jump_stage == "full":
+    elif jumps:  # jump_stage == "full"
         t1 = time.perf_counter()
         steps = max(1, num_steps // 2) if jump_steps is None else int(jump_steps)
         res_j = source_scale_jumps(posterior, fit.state(), scale_jumps, num_steps=steps,
