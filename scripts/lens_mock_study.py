@@ -158,9 +158,10 @@ def main(argv=None) -> dict:
         import json
         from types import SimpleNamespace
 
-        from tfhybrid.lens.pipeline import load_map_json
+        from tfhybrid.lens.pipeline import load_map_json, posterior_of_map
 
         saved = load_map_json(out / "map" / "map.json")
+        posterior = posterior_of_map(posterior, saved)
         fit = SimpleNamespace(params=saved["params"], z=saved["z"],
                               log_prob=np.asarray(saved["log_prob"]))
         summary["map"] = json.loads((out / "study_summary.json").read_text())["map"]
@@ -170,6 +171,7 @@ def main(argv=None) -> dict:
         fit = fit_map(posterior, num_starts=args.num_starts, num_steps=args.map_steps,
                       seed=args.seed, progress=args.progress, **map_pipeline_options(args))
         map_summary = write_fit_outputs(out / "map", posterior, fit, mocks, labels=labels)
+        posterior = fit.posterior_of(posterior)  # with the source residual, if it was fitted
         hessian = fit.hessian
         if hessian is not None:
             with atomic_path(out / "map" / "hessian.npy") as tmp:
@@ -182,6 +184,9 @@ def main(argv=None) -> dict:
             lbfgs_cycles=args.lbfgs_cycles,
             message=fit.message, best_start=np.asarray(fit.best_start).tolist(),
             chi2_per_pixel=map_summary["chi2_per_pixel"],
+            source_residual=args.source_residual,
+            residual_sigma=(None if fit.residual_sigma is None
+                            else np.asarray(fit.residual_sigma).tolist()),
         )
     # (re)computed from the saved estimates too, so --reuse-map reports with the current code
     summary["map"]["metrics"] = _map_metrics(mocks.params, fit.params, args.tol_pct)

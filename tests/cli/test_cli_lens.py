@@ -27,10 +27,15 @@ def test_mock_fit_sample_report(tmp_path, capsys):
     mock = mock_dir / "mock_000.fits"
     assert main(["lens", "fit", "--mock", str(mock), "--steps", "30", "--starts", "1",
                  "--coarse-starts", "3", "--coarse-steps", "20", "--newton-iter", "1",
-                 "--lbfgs-iter", "5", "--out", str(fit_dir), "--no-progress"]) == 0
-    assert "MAP of 1 system" in capsys.readouterr().out
+                 "--lbfgs-iter", "5", "--source-residual", "8", "--out", str(fit_dir),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "MAP of 1 system" in out and "source residual (8² nodes)" in out
     data = json.loads((fit_dir / "map.json").read_text())
     assert np.isfinite(data["log_prob"][0]) and len(data["z"][0]) == 64
+    # the residual the MAP was polished under is recorded, and sampling uses it
+    assert data["source_residual"] == {"grid_size": 8, "pixel_factor": 1.5}
+    assert len(data["residual_sigma"]) == 1 and data["residual_sigma"][0] > 0
     for name in ("map_model.fits", "fig_map.png", "fig_loss.png", "map_table.txt"):
         assert (fit_dir / name).is_file(), name
     assert main(["lens", "sample", "--mock", str(mock), "--map", str(fit_dir / "map.json"),
@@ -74,6 +79,10 @@ def test_bad_input_one_line_no_output(tmp_path, capsys):
     assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--lbfgs-cycles", "-2",
                  "--out", str(tmp_path / "f")]) == 2
     assert "--lbfgs-cycles must be >= 0; got -2" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
+    assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--source-residual",
+                 "1", "--out", str(tmp_path / "f")]) == 2
+    assert "grid_size must be an integer in [2, 64]" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
     assert main(["demo", "--map-steps", "0", "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()

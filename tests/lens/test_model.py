@@ -20,6 +20,7 @@ from tfhybrid.lens.fit import (
 )
 from tfhybrid.lens.model import STATE_NAMES, LensPosterior, LensPriorConfig, parameter_prior
 from tfhybrid.physics.lensing import PARAM_NAMES, LensingConfig, simulate_lensed_image
+from tfhybrid.physics.source_residual import SourceResidualConfig
 from tfhybrid.validation import TfhybridInputError
 
 CONFIG = LensingConfig(n_pix=64, pixel_scale_arcsec=0.16, psf_sigma_arcsec=0.2)
@@ -130,6 +131,136 @@ def test_batched_systems_equal_separate(vae, problem):
     a = post_a.target_log_prob(*[s[:, :1] for s in st]).numpy()
     b = post_b.target_log_prob(*[s[:, 1:] for s in st]).numpy()
     np.testing.assert_allclose(both, np.concatenate([a, b], axis=1), rtol=1e-6)
+
+
+RESIDUAL = SourceResidualConfig(grid_size=6, pixel_factor=4.0)
+
+
+def test_source_residual_likelihood_equals_the_dense_marginal(vae, problem):
+    """Woodbury + per-cell moments against a dense N(I_pred, σ² I + σ_δ² B Bᵀ), where the
+    columns of B are the lensed unit residuals of residual_image (an independent code path:
+    bilinear interpolation of the grid image)."""
+    from scipy.stats import multivariate_normal
+
+    sigma_res = 0.05
+    white = LensPosterior(problem["observed"], SIGMA, vae, CONFIG)
+    post = white.with_source_residual(RESIDUAL, sigma_res)
+    assert post.residual_sigma_values.shape == (1,)
+    state = post.state_from_dict(dict(TRUTH, z=problem["z"][0], q=0.72, r_ein=1.28))
+    params = dict(zip(PARAM_NAMES, state[:-1], strict=True))
+    m = RESIDUAL.grid_size
+    unit = np.eye(m * m, dtype=np.float32).reshape(m * m, m, m)
+    columns = [post.residual_image(params, unit[j][None]).numpy().reshape(-1)
+               for j in range(m * m)]
+    design = np.stack(columns, 1).astype(np.float64)  # (n_pix², M)
+    assert np.count_nonzero(design.sum(0)) > m * m // 2  # the grid is lensed into the image
+    resid = (problem["observed"] - post.predict(params, state[-1]).numpy()).reshape(-1)
+    n = resid.size
+    cov = SIGMA**2 * np.eye(n) + sigma_res**2 * design @ design.T
+    dense = multivariate_normal(np.zeros(n), cov).logpdf(resid.astype(np.float64))
+    got = post.log_likelihood(params, state[-1]).numpy()[0]
+    # float32 over 4096 pixels: ~1e-6 relative of a ~1e4 log density, and the correction
+    # (tens of nats) is computed to ~1e-4 of itself
+    np.testing.assert_allclose(got, dense, rtol=2e-6, atol=0.05)
+    base = white.log_likelihood(params, state[-1]).numpy()[0]
+    assert got != pytest.approx(base, abs=0.5)  # the residual changes the density
+    # the joint distribution: the residual as an explicit part, added to the image
+    jd = post.joint_distribution()
+    draw = jd.sample(seed=(3, 1))
+    assert draw["residual"].shape == (1, m, m) and draw["observed"].shape == (1, 64, 64)
+    values = dict(zip(STATE_NAMES, state, strict=True))
+    delta = 0.05 * np.random.default_rng(2).normal(size=(1, m, m)).astype(np.float32)
+    values.update(residual=tf.constant(delta), observed=tf.constant(problem["observed"]))
+    shifted = LensPosterior(problem["observed"] - post.residual_image(params, delta).numpy(),
+                            SIGMA, vae, CONFIG)
+    prior_delta = np.sum(-0.5 * (delta / sigma_res) ** 2 - np.log(sigma_res * np.sqrt(2 * np.pi)))
+    expected = shifted.target_log_prob(*state).numpy().sum() + prior_delta
+    np.testing.assert_allclose(jd.log_prob(values).numpy(), expected, rtol=1e-5)
+
+
+def test_source_residual_batches_and_validates(vae, problem):
+    obs2 = np.concatenate([problem["observed"], problem["observed"][:, ::-1]])
+    post2 = LensPosterior(obs2, [SIGMA, 2 * SIGMA], vae, CONFIG, source_residual=RESIDUAL,
+                          residual_sigma=[0.02, 0.05])
+    post_b = LensPosterior(obs2[1:], 2 * SIGMA, vae, CONFIG, source_residual=RESIDUAL,
+                           residual_sigma=0.05)
+    st = post2.initial_states(3, seed=5)
+    both = post2.target_log_prob(*st).numpy()
+    b = post_b.target_log_prob(*[s[:, 1:] for s in st]).numpy()
+    np.testing.assert_allclose(both[:, 1:], b, rtol=1e-6)
+    obs = problem["observed"]
+    with pytest.raises(TfhybridInputError, match="needs residual_sigma"):
+        LensPosterior(obs, SIGMA, vae, CONFIG, source_residual=RESIDUAL)
+    with pytest.raises(TfhybridInputError, match="without source_residual"):
+        LensPosterior(obs, SIGMA, vae, CONFIG, residual_sigma=0.1)
+    with pytest.raises(TfhybridInputError, match="finite and > 0"):
+        LensPosterior(obs, SIGMA, vae, CONFIG, source_residual=RESIDUAL, residual_sigma=-0.1)
+    with pytest.raises(TfhybridInputError, match="shape"):
+        LensPosterior(obs, SIGMA, vae, CONFIG, source_residual=RESIDUAL,
+                      residual_sigma=[0.1, 0.2])
+    with pytest.raises(TfhybridInputError, match="SourceResidualConfig"):
+        LensPosterior(obs, SIGMA, vae, CONFIG, source_residual=dict(grid_size=6),
+                      residual_sigma=0.1)
+    config2 = LensingConfig(n_pix=64, pixel_scale_arcsec=0.16, psf_sigma_arcsec=0.2,
+                            supersampling=2)
+    with pytest.raises(TfhybridInputError, match="supersampling=1"):
+        LensPosterior(obs, SIGMA, vae, config2, source_residual=RESIDUAL, residual_sigma=0.1)
+
+
+def _knotted_observation(vae, problem, amplitude):
+    """The problem's image with a knot the source model cannot make added to the source."""
+    c = (np.arange(64) - 31.5) / 32.0
+    v, u = np.meshgrid(c, c, indexing="ij")
+    knot = amplitude * np.exp(-0.5 * ((u - 0.1) ** 2 + (v + 0.15) ** 2) / 0.05**2)
+    source = vae.decode(problem["z"]).numpy() + knot[None].astype(np.float32)
+    image = simulate_lensed_image(source, {k: [v_] for k, v_ in TRUTH.items()}, CONFIG).numpy()
+    noise = SIGMA * np.random.default_rng(7).normal(size=image.shape)
+    return (image + noise).astype(np.float32)
+
+
+def test_evidence_asks_for_a_residual_only_where_the_source_model_misses():
+    from tfhybrid.lens.fit import RESIDUAL_SIGMA_GRID, residual_sigma_by_evidence
+
+    vae = SmoothSourceModel()
+    z_true = np.full((1, 8), 0.3, np.float32)
+    problem = dict(z=z_true)
+    exact = _knotted_observation(vae, problem, 0.0)
+    knotted = _knotted_observation(vae, problem, 0.4)
+    post = LensPosterior(np.concatenate([exact, knotted]), SIGMA, vae, CONFIG)
+    state = post.state_from_dict(dict(TRUTH, z=z_true[0]))
+    sigma, gain = residual_sigma_by_evidence(post, state, RESIDUAL)
+    # no misfit: the Occam factor wins, the smallest sigma_delta and no evidence gained
+    assert sigma[0] < 3 * RESIDUAL_SIGMA_GRID[0] and abs(gain[0]) < 2.0, (sigma, gain)
+    # a knot of 0.4 (40 sigma per pixel before lensing): a residual of a few per cent of
+    # the source's peak, worth hundreds of nats (measured: sigma ~0.1, gain ~1e3)
+    assert 0.01 < sigma[1] < 0.3 and gain[1] > 100.0, (sigma, gain)
+    with pytest.raises(TfhybridInputError, match="grid"):
+        residual_sigma_by_evidence(post, state, RESIDUAL, grid=[0.1, 0.2])
+
+
+def test_fit_map_with_a_source_residual_polishes_and_samples_that_posterior(vae, problem):
+    knotted = _knotted_observation(vae, problem, 0.4)
+    post = LensPosterior(knotted, SIGMA, vae, CONFIG)
+    init = post.state_from_dict(dict(TRUTH, z=problem["z"][0]), lead_shape=(1, 1))
+    fit = fit_map(post, initial_state=init, num_steps=100, newton_iter=1, lbfgs_iter=20,
+                  lbfgs_cycles=1, source_residual=RESIDUAL, residual_rounds=1, progress=False)
+    assert fit.source_residual == RESIDUAL and fit.residual_sigma.shape == (1,)
+    assert fit.residual_gain[0] > 100.0 and "source residual" in fit.message
+    post_r = fit.posterior_of(post)
+    assert post_r.source_residual == RESIDUAL
+    np.testing.assert_allclose(fit.log_prob, post_r.target_log_prob(*fit.state()).numpy(),
+                               rtol=1e-5)
+    # the polish climbed the residual posterior (the truth is not its mode: the knot is a
+    # strong, non-Gaussian feature that biases the white fit and this one alike)
+    truth_lp = post_r.target_log_prob(*post.state_from_dict(dict(TRUTH, z=problem["z"][0])))
+    assert fit.log_prob[0] > truth_lp.numpy()[0]
+    samples = sample_lens_posterior(post, fit, num_results=4, num_burnin=0, progress=False)
+    assert np.all(np.isfinite(samples.params["r_ein"]))
+    with pytest.raises(TfhybridInputError, match="already has a source residual"):
+        fit_map(post_r, initial_state=init, source_residual=RESIDUAL, progress=False)
+    with pytest.raises(TfhybridInputError, match="newton_iter >= 1"):
+        fit_map(post, initial_state=init, source_residual=RESIDUAL, newton_iter=0,
+                progress=False)
 
 
 def test_bijectors_keep_parameters_in_support(vae, problem):

@@ -21,6 +21,8 @@ from tfhybrid.lens.defaults import (
     DEFAULT_MAP_STEPS,
     DEFAULT_NEWTON_ITER,
     DEFAULT_NUM_STARTS,
+    DEFAULT_RESIDUAL_PIXEL_FACTOR,
+    DEFAULT_SOURCE_RESIDUAL_GRID,
 )
 
 
@@ -48,14 +50,31 @@ def add_map_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lbfgs-cycles", type=int, default=DEFAULT_LBFGS_CYCLES,
                    help="at most this many L-BFGS runs, each re-whitened where the last "
                         "stopped, until no system gains 1 nat")
+    p.add_argument("--source-residual", type=int, default=DEFAULT_SOURCE_RESIDUAL_GRID,
+                   metavar="M",
+                   help="after the MAP, integrate out a source-plane residual on an M x M grid "
+                        "(sigma by the evidence) and polish again; sampling then uses that "
+                        "posterior (0: the paper's white likelihood)")
+    p.add_argument("--residual-pixel-factor", type=float,
+                   default=DEFAULT_RESIDUAL_PIXEL_FACTOR,
+                   help="node spacing of the residual grid in source-stamp pixels")
 
 
 def map_pipeline_options(args) -> dict:
     """:func:`tfhybrid.lens.fit.fit_map` keyword arguments of :func:`add_map_pipeline_options`."""
+    from tfhybrid.physics.source_residual import SourceResidualConfig
+    from tfhybrid.validation import TfhybridInputError
+
+    residual = None
+    if args.source_residual:
+        try:
+            residual = SourceResidualConfig(args.source_residual, args.residual_pixel_factor)
+        except TfhybridInputError as err:
+            raise _error(f"--source-residual / --residual-pixel-factor: {err}") from err
     return dict(coarse_starts=args.coarse_starts, coarse_steps=args.coarse_steps,
                 scale_jumps=args.scale_jumps, jump_stage=args.jump_stage,
                 newton_iter=args.newton_iter, lbfgs_iter=args.lbfgs_iter,
-                lbfgs_cycles=args.lbfgs_cycles)
+                lbfgs_cycles=args.lbfgs_cycles, source_residual=residual)
 
 
 def register(subparsers) -> None:
@@ -200,9 +219,10 @@ def run_fit(args) -> int:
     if args.coarse_starts and args.coarse_starts < args.starts:
         raise _error(f"--coarse-starts ({args.coarse_starts}) must be 0 or >= --starts "
                      f"({args.starts})")
+    options = map_pipeline_options(args)  # checks --source-residual before loading anything
     posterior, mocks, labels = _load(args)
     fit = fit_map(posterior, num_starts=args.starts, method=args.method, num_steps=args.steps,
-                  seed=args.seed, progress=not args.no_progress, **map_pipeline_options(args))
+                  seed=args.seed, progress=not args.no_progress, **options)
     summary = write_fit_outputs(args.out, posterior, fit, mocks, labels=labels)
     chi2 = ", ".join(f"{c:.3f}" for c in summary["chi2_per_pixel"])
     print(f"MAP of {len(labels)} system(s) in {fit.wall_time_s:.1f} s; chi2/pixel {chi2}; "
@@ -214,7 +234,7 @@ def run_sample(args) -> int:
     import numpy as np
 
     from tfhybrid.lens.fit import sample_lens_posterior
-    from tfhybrid.lens.pipeline import load_map_json, write_sample_outputs
+    from tfhybrid.lens.pipeline import load_map_json, posterior_of_map, write_sample_outputs
     from tfhybrid.physics.lensing import PARAM_NAMES
 
     _positive("--num-results", args.num_results)
@@ -226,6 +246,7 @@ def run_sample(args) -> int:
                      "mock files were given")
     import tensorflow as tf
 
+    posterior = posterior_of_map(posterior, data)  # the residual the MAP was polished under
     start = [tf.constant(np.asarray(data["params"][k], np.float32)) for k in PARAM_NAMES]
     start.append(tf.constant(data["z"]))
     samples = sample_lens_posterior(

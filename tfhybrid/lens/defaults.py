@@ -23,3 +23,8 @@ DEFAULT_NEWTON_ITER = 3
 DEFAULT_LBFGS_ITER = 200
 #: at most this many re-whitened L-BFGS runs (until no system gains 1 nat)
 DEFAULT_LBFGS_CYCLES = 3
+#: side of the source-plane residual grid integrated out after the MAP (0: the paper's white
+#: likelihood; see tfhybrid.physics.source_residual)
+DEFAULT_SOURCE_RESIDUAL_GRID = 0
+#: node spacing of that grid in source-stamp pixels
+DEFAULT_RESIDUAL_PIXEL_FACTOR = 1.5

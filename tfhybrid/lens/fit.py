@@ -33,6 +33,7 @@ from tfhybrid.lens.defaults import (
 from tfhybrid.lens.model import STATE_NAMES, LensPosterior
 from tfhybrid.physics.lens_profiles import circularised_einstein_radius
 from tfhybrid.physics.lensing import PARAM_NAMES, resample_source_stamp
+from tfhybrid.physics.source_residual import SourceResidualConfig
 from tfhybrid.priors.vae import fit_latent_map
 from tfhybrid.validation import TfhybridInputError
 
@@ -48,6 +49,8 @@ __all__ = [
     "laplace_hessian",
     "laplace_whitening",
     "newton_polish",
+    "residual_sigma_by_evidence",
+    "polish_with_source_residual",
     "sample_lens_posterior",
     "parameter_table",
     "coverage",
@@ -111,6 +114,11 @@ class LensMap:
         start came from (1.0: a coarse start).
     jump_gain : (S,) log p gained by the jumps (0 where none won), when they ran after the
         full-resolution optimiser (None with ``jump_stage="coarse"``).
+    source_residual, residual_sigma : the source-plane residual the estimate was polished
+        under (``fit_map(source_residual=...)``) and its σ_δ per system ``(S,)``; None with
+        the white likelihood. :meth:`posterior_of` rebuilds that posterior for sampling.
+    residual_gain : (S,) log evidence gained by the residual at σ_δ, relative to the white
+        likelihood, where the polish started (:func:`residual_sigma_by_evidence`).
     """
 
     params: dict
@@ -122,6 +130,15 @@ class LensMap:
     hessian: np.ndarray | None = None
     scale_jump: np.ndarray | None = None
     jump_gain: np.ndarray | None = None
+    source_residual: SourceResidualConfig | None = None
+    residual_sigma: np.ndarray | None = None
+    residual_gain: np.ndarray | None = None
+
+    def posterior_of(self, posterior: LensPosterior) -> LensPosterior:
+        """``posterior`` with the source residual this estimate was made under (if any)."""
+        if self.source_residual is None:
+            return posterior
+        return posterior.with_source_residual(self.source_residual, self.residual_sigma)
 
     def state(self) -> list[tf.Tensor]:
         """State parts (constrained), each with leading axis ``S``."""
@@ -147,8 +164,13 @@ class LensMap:
         if self.hessian is not None and self.result is not None:
             gain = self.log_prob - jump_gain - np.asarray(self.result.log_prob).reshape(
                 -1, len(self.log_prob)).max(0)
-            msg += (f"; Newton + whitened L-BFGS polish: log p raised by {np.min(gain):.3g} to "
-                    f"{np.max(gain):.3g} over {len(gain)} system(s)")
+            if self.source_residual is None:
+                msg += (f"; Newton + whitened L-BFGS polish: log p raised by {np.min(gain):.3g}"
+                        f" to {np.max(gain):.3g} over {len(gain)} system(s)")
+        if self.residual_sigma is not None:
+            msg += (f"; source residual ({self.source_residual.grid_size}² nodes) σ_δ "
+                    f"{np.round(self.residual_sigma, 4).tolist()}, log evidence "
+                    f"+{np.round(self.residual_gain, 1).tolist()} over the white likelihood")
         return msg
 
 
@@ -360,6 +382,58 @@ def source_scale_jumps(posterior: LensPosterior, state, factors=(0.6, 1.6, 2.6),
     )
 
 
+#: σ_δ values tried by :func:`residual_sigma_by_evidence` (source surface-brightness units;
+#: the VAE's stamps peak at 1 and ι is ~1): 3e-4 … 0.3 in steps of ×1.26.
+RESIDUAL_SIGMA_GRID = np.geomspace(3e-4, 0.3, 31)
+
+
+def residual_sigma_by_evidence(posterior: LensPosterior, state,
+                               source_residual: SourceResidualConfig | None = None,
+                               grid=RESIDUAL_SIGMA_GRID) -> tuple[np.ndarray, np.ndarray]:
+    """σ_δ of the source-plane residual that maximises the marginal likelihood at ``state``.
+
+    Type-II maximum likelihood (the "evidence" of Suyu et al. 2006, MNRAS 371, 983, for a
+    regularised pixelated source): the residual's amplitude is a hyperparameter, chosen per
+    system by the data. The marginal log-likelihood
+    (:meth:`LensPosterior.log_likelihood` with ``source_residual``) is evaluated at ``state``
+    (constrained parts, leading axis ``S``) for each σ_δ of ``grid`` and refined by a parabola
+    through the best value and its neighbours in log σ_δ. A misfit-free model prefers the
+    smallest σ_δ (the Occam factor ``−½ log det A`` only costs), so the grid's lower end
+    means "no residual needed".
+
+    Returns ``(sigma, gain)``, both ``(S,)``: σ_δ and the log-likelihood gained over the white
+    likelihood at the best grid value (nats).
+    """
+    if not isinstance(posterior, LensPosterior):
+        raise TfhybridInputError(f"posterior must be a LensPosterior; got {type(posterior)}")
+    source_residual = SourceResidualConfig() if source_residual is None else source_residual
+    grid = np.sort(np.asarray(grid, dtype=np.float64).ravel())
+    if grid.size < 3 or not np.all(np.isfinite(grid) & (grid > 0)):
+        raise TfhybridInputError(f"grid must hold >= 3 finite values > 0; got {grid!r}")
+    white = posterior.with_source_residual(None)
+    params = dict(zip(PARAM_NAMES, state[:-1], strict=True))
+    base = white.log_likelihood(params, state[-1]).numpy().astype(np.float64)
+    loglik = np.stack([
+        white.with_source_residual(source_residual, sd).log_likelihood(
+            params, state[-1]).numpy().astype(np.float64)
+        for sd in grid
+    ])  # (K, S)
+    loglik = np.where(np.isfinite(loglik), loglik, -np.inf)
+    best = np.argmax(loglik, axis=0)
+    log_grid = np.log(grid)
+    sigma = grid[best].copy()
+    for i, k in enumerate(best):
+        if 0 < k < len(grid) - 1:
+            x0, x1, x2 = log_grid[k - 1:k + 2]
+            y0, y1, y2 = loglik[k - 1:k + 2, i]
+            den = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+            if np.isfinite(den) and den != 0:  # the parabola's vertex, kept near the best
+                x = x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)) / den
+                sigma[i] = np.exp(np.clip(x, 0.5 * (x0 + x1), 0.5 * (x1 + x2)))
+    gain = loglik[best, np.arange(loglik.shape[1])] - base
+    return sigma, gain
+
+
 def fit_map(
     posterior: LensPosterior,
     num_starts: int = DEFAULT_NUM_STARTS,
@@ -380,6 +454,8 @@ def fit_map(
     lbfgs_iter: int = DEFAULT_LBFGS_ITER,
     lbfgs_cycles: int = DEFAULT_LBFGS_CYCLES,
     jump_stage: str = DEFAULT_JUMP_STAGE,
+    source_residual: SourceResidualConfig | None = None,
+    residual_rounds: int = 2,
 ) -> LensMap:
     """MAP estimate (eq. 26) of every system, multi-start, in one batched graph.
 
@@ -427,6 +503,14 @@ def fit_map(
     lbfgs_iter : the polish's whitened L-BFGS iterations per run (0: Newton only).
     lbfgs_cycles : at most this many L-BFGS runs, each re-whitened where the last stopped,
         until no system gains 1 nat (:func:`newton_polish`).
+    source_residual : SourceResidualConfig, optional
+        After the white-likelihood MAP, ``residual_rounds`` rounds of: σ_δ per system by the
+        evidence at the current estimate (:func:`residual_sigma_by_evidence`), then the
+        Newton + L-BFGS polish (same counts) of the posterior with that source-plane residual
+        integrated out (:mod:`tfhybrid.physics.source_residual`). The result records
+        ``source_residual``, ``residual_sigma`` and ``residual_gain``; its ``log_prob`` and
+        ``hessian`` are the residual posterior's (:meth:`LensMap.posterior_of`). Needs
+        ``newton_iter > 0`` and a white ``posterior``.
     """
     import time
 
@@ -441,6 +525,19 @@ def fit_map(
         raise TfhybridInputError(f"scale_jumps must be factors > 0; got {scale_jumps!r}")
     if jump_stage not in ("full", "coarse"):
         raise TfhybridInputError(f"jump_stage must be 'full' or 'coarse'; got {jump_stage!r}")
+    if source_residual is not None:
+        if not isinstance(source_residual, SourceResidualConfig):
+            raise TfhybridInputError(
+                f"source_residual must be a SourceResidualConfig; got {source_residual!r}")
+        if posterior.source_residual is not None:
+            raise TfhybridInputError(
+                "posterior already has a source residual; pass a white posterior with "
+                "source_residual=..., or fit the residual posterior without it")
+        if newton_iter < 1:
+            raise TfhybridInputError("source_residual needs newton_iter >= 1 (its polish)")
+        _check_counts(residual_rounds=residual_rounds)
+        if residual_rounds < 1:
+            raise TfhybridInputError(f"residual_rounds must be >= 1; got {residual_rounds}")
     global_search = coarse_starts > 0 and initial_state is None
     jumps = global_search and len(scale_jumps) > 0
     t_coarse = time.perf_counter()
@@ -532,6 +629,52 @@ def fit_map(
             np.asarray(parts[-1], dtype=np.float32), lp_best, best, res,
             wall + time.perf_counter() - t1, hess, fit.scale_jump, fit.jump_gain,
         )
+    if source_residual is not None:
+        fit = polish_with_source_residual(posterior, fit, source_residual, residual_rounds,
+                                          newton_iter, lbfgs_iter, lbfgs_cycles)
+    return fit
+
+
+def polish_with_source_residual(posterior: LensPosterior, fit: LensMap,
+                                source_residual: SourceResidualConfig | None = None,
+                                rounds: int = 2, newton_iter: int = DEFAULT_NEWTON_ITER,
+                                lbfgs_iter: int = DEFAULT_LBFGS_ITER,
+                                lbfgs_cycles: int = DEFAULT_LBFGS_CYCLES) -> LensMap:
+    """A white-likelihood MAP ``fit`` carried over to the posterior with a source residual.
+
+    ``rounds`` times: σ_δ per system by the evidence at the current estimate
+    (:func:`residual_sigma_by_evidence`), then :func:`newton_polish` (Newton + whitened L-BFGS)
+    of ``posterior.with_source_residual(source_residual, σ_δ)``. The second round re-chooses
+    σ_δ where the first polish moved the lens. Returns a :class:`LensMap` whose ``log_prob``
+    and ``hessian`` are the residual posterior's, with ``residual_sigma`` and ``residual_gain``
+    (the evidence gained in the first round) and ``wall_time_s`` increased by this stage.
+    ``fit_map(source_residual=...)`` calls it after its own pipeline.
+    """
+    import time
+
+    source_residual = SourceResidualConfig() if source_residual is None else source_residual
+    if posterior.source_residual is not None:
+        raise TfhybridInputError("posterior already has a source residual; pass the white one")
+    _check_counts(rounds=rounds, lbfgs_iter=lbfgs_iter, lbfgs_cycles=lbfgs_cycles)
+    if newton_iter < 1 or rounds < 1:
+        raise TfhybridInputError(
+            f"rounds and newton_iter must be >= 1; got {rounds!r} and {newton_iter!r}")
+    t1 = time.perf_counter()
+    first_gain = None
+    for _ in range(int(rounds)):
+        sigma, gain = residual_sigma_by_evidence(posterior, fit.state(), source_residual)
+        first_gain = gain if first_gain is None else first_gain
+        post_r = posterior.with_source_residual(source_residual, sigma)
+        parts, lp_best, hess = newton_polish(post_r, fit.state(), num_iter=newton_iter,
+                                             lbfgs_iter=lbfgs_iter, lbfgs_cycles=lbfgs_cycles)
+        fit = LensMap(
+            {name: np.asarray(p, dtype=np.float64) for name, p in
+             zip(PARAM_NAMES, parts[:-1], strict=True)},
+            np.asarray(parts[-1], dtype=np.float32), lp_best, fit.best_start, fit.result,
+            fit.wall_time_s + time.perf_counter() - t1, hess, fit.scale_jump,
+            fit.jump_gain, source_residual, sigma, first_gain,
+        )
+        t1 = time.perf_counter()
     return fit
 
 
@@ -619,24 +762,34 @@ def _hessian_at(fn, flat, eps: float, chunk_size: int, scheme: str = "forward") 
     return 0.5 * (hess + np.transpose(hess, (0, 2, 1)))
 
 
+def _hessian_chunk(posterior: LensPosterior) -> int:
+    """Perturbations per batch of a finite-difference Hessian: 40, or with a source residual
+    (~13 floats per pixel and system more, and their gradients) at most 160 systems' worth."""
+    if posterior.source_residual is None:
+        return 40
+    return max(1, min(40, 160 // posterior.num_systems))
+
+
 def laplace_hessian(posterior: LensPosterior, state, eps: float = 1e-3,
-                    chunk_size: int = 40, scheme: str = "forward") -> np.ndarray:
+                    chunk_size: int | None = None, scheme: str = "forward") -> np.ndarray:
     """Hessian of −log p (eq. 26 + log-Jacobian) at ``state`` in unconstrained space: ``(S, D, D)``.
 
     Finite differences of the gradient (step ``eps``) along the D = 76 unconstrained
     coordinates of each system (12 parameters, then z), forward (D + 1 gradients, the
     default) or central (2D); the perturbed states of all systems are evaluated at most
     ``chunk_size`` perturbations at a time (``chunk_size × S`` forward models per batch bound
-    the memory); symmetrised, float64. Forward differences cost half as much, and their
-    difference from central ones is below the central differences' own spread, because the
-    likelihood is only piecewise smooth (bilinear source interpolation, the decoder's ReLUs)
-    and finite differences of it depend on the step: at the benchmark system's MAP, the
-    central Hessian with step 3e-3, whitened by the one with step 1e-3, has eigenvalues in
-    [-47, 169] (1 where they agree), the forward one (1e-3) in [-3.4, 6.3].
+    the memory; default 40, fewer with a source residual); symmetrised, float64. Forward
+    differences cost half as much, and their difference from central ones is below the
+    central differences' own spread, because the likelihood is only piecewise smooth
+    (bilinear source interpolation, the decoder's ReLUs) and finite differences of it depend
+    on the step: at the benchmark system's MAP, the central Hessian with step 3e-3, whitened
+    by the one with step 1e-3, has eigenvalues in [-47, 169] (1 where they agree), the
+    forward one (1e-3) in [-3.4, 6.3].
     The Hessian only shapes the polish's steps and HMC's mass matrix, neither of which
     changes the target.
     """
     bijs, u, sizes, flat = _flat_unconstrained(posterior, state)
+    chunk_size = _hessian_chunk(posterior) if chunk_size is None else chunk_size
     return _hessian_at(_log_prob_and_grad(posterior, bijs, u, sizes), flat, eps, chunk_size,
                        scheme)
 
@@ -686,7 +839,8 @@ def newton_polish(posterior: LensPosterior, state, num_iter: int = DEFAULT_NEWTO
         # at the point the returned (constrained, float32) state maps back to, which is where
         # sample_lens_posterior centres its whitening
         parts, _ = _unflatten(posterior, bijs, u, sizes, tf.constant(x, tf.float32))
-        return _hessian_at(fn, _flat_unconstrained(posterior, parts)[3], 1e-3, 40)
+        return _hessian_at(fn, _flat_unconstrained(posterior, parts)[3], 1e-3,
+                           _hessian_chunk(posterior))
 
     x = flat.numpy().astype(np.float64)
     lp = log_prob(x)
@@ -835,12 +989,16 @@ def sample_lens_posterior(
     with the paper's 50 steps collapsed the step size on the mocks. Chains after the first start
     from the MAP jittered by 0.1 · N(0, 1) in sampler units. ``checkpoint_dir`` makes the run
     resumable (chunks on disk). ``hessian`` (S, D, D) reuses one computed at ``start`` (e.g. by
-    :func:`newton_polish`).
+    :func:`newton_polish`). A ``start`` fitted with a source residual
+    (``fit_map(source_residual=...)``) is sampled under that residual posterior
+    (:meth:`LensMap.posterior_of`).
     """
     if isinstance(start, LensMap):
         state = start.state()
         if hessian is None:
             hessian = start.hessian
+        if posterior.source_residual is None:
+            posterior = start.posterior_of(posterior)  # the posterior the MAP was made under
     else:
         state = [tf.convert_to_tensor(x, tf.float32) for x in start]
     bijs, u, sizes, flat = _flat_unconstrained(posterior, state)

@@ -10,6 +10,12 @@
   simulator of :mod:`tfhybrid.physics.lensing` (SPLE table deflection by default, the exact EPL
   with ``LensingConfig(deflection="epl")``), and the likelihood independent Gaussian pixels.
 
+Beyond the paper, ``LensPosterior(source_residual=SourceResidualConfig(), residual_sigma=σ_δ)``
+adds a pixelated source-plane residual to ``d(z)`` and integrates it out analytically
+(:mod:`tfhybrid.physics.source_residual`): the likelihood becomes
+``N(I_obs | I_pred, σ² I + σ_δ² B Bᵀ)``, which gives the source model's misfit to the source
+instead of to the lens parameters.
+
 :class:`LensPosterior` holds one observation or a batch of ``S`` independent lens systems and
 gives the three things the inference engines need: the joint distribution
 (:meth:`LensPosterior.joint_distribution`, a ``tfd.JointDistributionNamed`` whose ``log_prob``
@@ -25,6 +31,7 @@ their relative rounding error, ~1e-6, is far below the posterior's curvature sca
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -32,6 +39,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfhybrid.physics import interpolation
+from tfhybrid.physics import source_residual as residual_model
 from tfhybrid.physics.lensing import (
     PARAM_NAMES,
     LensingConfig,
@@ -39,6 +48,8 @@ from tfhybrid.physics.lensing import (
     mock_prior,
     noise_sigma,
 )
+from tfhybrid.physics.source_residual import SourceResidualConfig
+from tfhybrid.priors.vae import IMAGE_SIZE
 from tfhybrid.validation import TfhybridInputError
 
 tfd, tfb = tfp.distributions, tfp.bijectors
@@ -108,6 +119,14 @@ class LensPosterior:
     config : LensingConfig
         Grid, PSF and deflection (must match the observation's size).
     prior : LensPriorConfig
+    source_residual : SourceResidualConfig, optional
+        Adds a pixelated source-plane residual ``δ ~ N(0, σ_δ² I)`` to the VAE source and
+        integrates it out analytically (:mod:`tfhybrid.physics.source_residual`): the
+        likelihood becomes ``N(I_obs | I_pred, σ² I + σ_δ² B Bᵀ)``. Needs ``residual_sigma``
+        and ``config.supersampling == 1``. Default None: the paper's white likelihood.
+    residual_sigma : float or array ``(S,)``, optional
+        σ_δ per system (source surface-brightness units), > 0; see
+        :func:`tfhybrid.lens.fit.residual_sigma_by_evidence`.
     """
 
     observed: object
@@ -115,6 +134,8 @@ class LensPosterior:
     vae: object
     config: LensingConfig = field(default_factory=LensingConfig)
     prior: LensPriorConfig = field(default_factory=LensPriorConfig)
+    source_residual: SourceResidualConfig | None = None
+    residual_sigma: object = None
 
     def __post_init__(self):
         if not isinstance(self.config, LensingConfig):
@@ -151,8 +172,40 @@ class LensPosterior:
         self._observed = tf.constant(obs, dtype)
         self._sigma = tf.constant(np.array(sigma), dtype)
         self._simulator = LensingSimulator(self.config)
+        self._source_shape = (IMAGE_SIZE, IMAGE_SIZE)  # the VAE decoder's stamp
         self._param_prior = parameter_prior(self.prior, dtype)
         self._latent_prior = self.vae.latent_prior
+        self._residual_sigma = None
+        if self.source_residual is not None:
+            if not isinstance(self.source_residual, SourceResidualConfig):
+                raise TfhybridInputError(
+                    f"source_residual must be a SourceResidualConfig or None; got "
+                    f"{self.source_residual!r}"
+                )
+            if self.config.supersampling != 1:
+                raise TfhybridInputError(
+                    "source_residual needs LensingConfig(supersampling=1); got supersampling="
+                    f"{self.config.supersampling}"
+                )
+            if self.residual_sigma is None:
+                raise TfhybridInputError(
+                    "source_residual needs residual_sigma (σ_δ per system, > 0); "
+                    "tfhybrid.lens.fit.residual_sigma_by_evidence picks it from the data"
+                )
+            res = np.asarray(self.residual_sigma, dtype=np.float64)
+            if res.ndim > 1 or (res.ndim == 1 and res.shape[0] not in (1, self.num_systems)):
+                raise TfhybridInputError(
+                    f"residual_sigma must be a number or have shape ({self.num_systems},); got "
+                    f"shape {res.shape}"
+                )
+            res = np.broadcast_to(res, (self.num_systems,))
+            if not np.all(np.isfinite(res) & (res > 0)):
+                raise TfhybridInputError(
+                    f"residual_sigma must be finite and > 0; got {self.residual_sigma!r}"
+                )
+            self._residual_sigma = tf.constant(np.array(res), dtype)
+        elif self.residual_sigma is not None:
+            raise TfhybridInputError("residual_sigma was given without source_residual")
 
     # -- the model ----------------------------------------------------------------------------
     def parameter_prior(self):
@@ -191,13 +244,63 @@ class LensPosterior:
         n = self.config.n_pix
         return tf.reshape(image, tf.concat([lead, [n, n]], 0))
 
+    @property
+    def residual_sigma_values(self) -> np.ndarray | None:
+        """σ_δ per system ``(S,)``, or None without a source residual."""
+        return None if self._residual_sigma is None else self._residual_sigma.numpy()
+
+    def with_source_residual(self, source_residual: SourceResidualConfig | None,
+                             residual_sigma=None) -> LensPosterior:
+        """The same observations and priors with another source residual (None: white)."""
+        return dataclasses.replace(self, source_residual=source_residual,
+                                   residual_sigma=residual_sigma)
+
     def log_likelihood(self, params: Mapping, z) -> tf.Tensor:
-        """log N(I_obs | I_pred, σ) summed over pixels, shape ``lead`` (ends in ``S``)."""
+        """log N(I_obs | I_pred, σ) summed over pixels, shape ``lead`` (ends in ``S``).
+
+        With a source residual, the marginal ``log N(I_obs | I_pred, σ² I + σ_δ² B Bᵀ)``
+        (:func:`tfhybrid.physics.source_residual.marginal_log_likelihood_correction`).
+        """
         model = self.predict(params, z)
         resid = (model - self._observed) / self._sigma[:, None, None]
         n_pix = float(self.config.n_pix**2)
         const = -0.5 * n_pix * np.log(2.0 * np.pi) - n_pix * tf.math.log(self._sigma)
-        return -0.5 * tf.reduce_sum(resid * resid, axis=[-2, -1]) + const
+        white = -0.5 * tf.reduce_sum(resid * resid, axis=[-2, -1]) + const
+        if self._residual_sigma is None:
+            return white
+        lead = tf.shape(white)
+        n = self.config.n_pix
+        col, row = self._grid_coordinates(params)
+        flat_col, flat_row = (tf.reshape(c, [-1, n * n]) for c in (col, row))
+        data = tf.reshape(self._observed - model, [-1, n * n])
+        gram, projected = residual_model.bilinear_gram(
+            flat_col, flat_row, data, self.source_residual.grid_size
+        )
+        sigma = tf.reshape(tf.broadcast_to(self._sigma, lead), [-1])
+        sigma_res = tf.reshape(tf.broadcast_to(self._residual_sigma, lead), [-1])
+        delta = residual_model.marginal_log_likelihood_correction(
+            gram, projected, sigma, sigma_res
+        )
+        return white + tf.reshape(delta, lead)
+
+    def _grid_coordinates(self, params: Mapping):
+        """Each image pixel's position on the residual grid, ``(lead·, n_pix, n_pix)`` each."""
+        flat = {k: tf.reshape(tf.cast(params[k], self.dtype), [-1]) for k in PARAM_NAMES}
+        col, row = self._simulator.traced_source_coordinates(flat, self._source_shape)
+        return residual_model.grid_coordinates(col, row, self._source_shape,
+                                               self.source_residual)
+
+    def residual_image(self, params: Mapping, residual) -> tf.Tensor:
+        """``B δ``: the residual ``δ`` ``(S, m, m)`` lensed into the image plane (no PSF).
+
+        ``params``: each ``(S,)``. Bilinear interpolation with the zero border of the grid
+        (the ``"grid-constant"`` rule of eq. 17): the explicit form of the term
+        :meth:`log_likelihood` integrates out, used by :meth:`joint_distribution`.
+        """
+        col, row = self._grid_coordinates(params)
+        return interpolation.bilinear_interpolate_core(
+            tf.cast(residual, self.dtype), col, row, "grid-constant"
+        )
 
     def log_prior(self, params: Mapping, z) -> tf.Tensor:
         """log p(Θ_lens) + log p(θ_src, s, ι) + log p(z), shape ``lead``."""
@@ -220,10 +323,21 @@ class LensPosterior:
         Every part has the systems as its (rightmost) event axis, so ``log_prob`` is the SUM over
         systems of :meth:`target_log_prob` (at ``observed=`` the observed images) and
         ``sample(seed=...)`` draws ``S`` complete mock systems (parameters, latent, noisy image).
+
+        With a source residual the model has one more part, ``residual`` ``(S, m, m)``
+        ~ N(0, σ_δ²), added to the image as :meth:`residual_image`; :meth:`target_log_prob`
+        is then this model's density with ``residual`` integrated out (analytically), not
+        ``log_prob`` at one value of it.
         """
         s = self.num_systems
         parts = {k: tfd.Sample(d, s) for k, d in self._param_prior.model.items()}
         parts["z"] = tfd.Sample(self._latent_prior, s)
+        if self._residual_sigma is not None:
+            m = self.source_residual.grid_size
+            parts["residual"] = tfd.Independent(
+                tfd.Normal(tf.zeros([s, m, m], self.dtype),
+                           tf.broadcast_to(self._residual_sigma[:, None, None], [s, m, m])), 3
+            )
 
         def observed(r_ein, gamma, q, phi, theta_lens1, theta_lens2, gamma1, gamma2,
                      theta_src1, theta_src2, s, iota, z):
@@ -234,7 +348,15 @@ class LensPosterior:
             mean = self.predict(values, z)
             return tfd.Independent(tfd.Normal(mean, self._sigma[:, None, None]), 3)
 
-        parts["observed"] = observed
+        def observed_with_residual(r_ein, gamma, q, phi, theta_lens1, theta_lens2, gamma1,
+                                   gamma2, theta_src1, theta_src2, s, iota, z, residual):
+            values = dict(r_ein=r_ein, gamma=gamma, q=q, phi=phi, theta_lens1=theta_lens1,
+                          theta_lens2=theta_lens2, gamma1=gamma1, gamma2=gamma2,
+                          theta_src1=theta_src1, theta_src2=theta_src2, s=s, iota=iota)
+            mean = self.predict(values, z) + self.residual_image(values, residual)
+            return tfd.Independent(tfd.Normal(mean, self._sigma[:, None, None]), 3)
+
+        parts["observed"] = observed if self._residual_sigma is None else observed_with_residual
         return tfd.JointDistributionNamed(parts)
 
     def bijectors(self) -> list:

@@ -13,6 +13,7 @@ Outputs of :func:`write_sample_outputs`: ``samples.npz`` (draws of every paramet
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -41,6 +42,7 @@ from tfhybrid.lens.fit import (
 from tfhybrid.lens.mocks import MockSystems, make_mocks, write_mock_fits
 from tfhybrid.lens.model import LensPosterior
 from tfhybrid.physics.lensing import PARAM_NAMES, source_surface_brightness
+from tfhybrid.physics.source_residual import SourceResidualConfig
 from tfhybrid.validation import TfhybridInputError
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "samples_to_arviz",
     "write_sample_outputs",
     "load_map_json",
+    "posterior_of_map",
     "run_demo",
 ]
 
@@ -85,7 +88,25 @@ def _map_dict(fit: LensMap) -> dict:
         message=fit.message,
         num_steps=int(fit.result.num_steps),
         wall_time_s=float(fit.wall_time_s),
+        source_residual=(None if fit.source_residual is None
+                         else dataclasses.asdict(fit.source_residual)),
+        residual_sigma=(None if fit.residual_sigma is None
+                        else np.asarray(fit.residual_sigma).tolist()),
+        residual_gain=(None if fit.residual_gain is None
+                       else np.asarray(fit.residual_gain).tolist()),
     )
+
+
+def posterior_of_map(posterior: LensPosterior, data: dict) -> LensPosterior:
+    """``posterior`` with the source residual a loaded ``map.json`` was fitted under (if any)."""
+    if data.get("source_residual") is None:
+        return posterior
+    try:
+        config = SourceResidualConfig(**data["source_residual"])
+        sigma = np.asarray(data["residual_sigma"], dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TfhybridInputError(f"map.json has a malformed source_residual: {err}") from err
+    return posterior.with_source_residual(config, sigma)
 
 
 def load_map_json(path) -> dict:

@@ -111,6 +111,7 @@ __all__ = [
     "ray_trace_core",
     "source_surface_brightness",
     "source_surface_brightness_core",
+    "source_pixel_coordinates_core",
     "resample_source_stamp",
     "simulate_lensed_image",
     "noise_sigma",
@@ -323,13 +324,27 @@ def source_surface_brightness_core(
     ``source`` ``(batch, ny_s, nx_s)`` (static spatial shape); ``beta1, beta2``
     ``(batch, H, W)`` arcsec; the four parameters ``(batch,)``. Returns ``(batch, H, W)``.
     """
-    ny_s, nx_s = int(source.shape[-2]), int(source.shape[-1])
+    shape = (int(source.shape[-2]), int(source.shape[-1]))
+    col, row = source_pixel_coordinates_core(beta1, beta2, theta_src1, theta_src2, s, shape)
+    iota_ = _per_system(iota, beta1.shape.rank)
+    return iota_ * interpolation.bilinear_interpolate_core(source, col, row, mode)
+
+
+def source_pixel_coordinates_core(beta1, beta2, theta_src1, theta_src2, s, source_shape):
+    """Source-plane positions (arcsec) → pixel coordinates of the source stamp (eq. 17).
+
+    ``beta1, beta2`` ``(batch, H, W)``; ``theta_src1, theta_src2, s`` ``(batch,)``;
+    ``source_shape`` = ``(ny_s, nx_s)``. The stamp spans ``theta_src ± s`` to its outer
+    edges (see the module's conventions); returns ``(col, row)`` with pixel centres at
+    integers, the coordinates :func:`source_surface_brightness_core` interpolates at.
+    """
+    ny_s, nx_s = source_shape
     rank = beta1.shape.rank
-    c1, c2, s_, iota_ = (_per_system(a, rank) for a in (theta_src1, theta_src2, s, iota))
+    c1, c2, s_ = (_per_system(a, rank) for a in (theta_src1, theta_src2, s))
     # normalised (u, v) in [-1, 1] over the outer edges -> pixel coordinates, centres at integers
     col = ((beta1 - c1) / s_ + 1.0) * (0.5 * nx_s) - 0.5
     row = ((beta2 - c2) / s_ + 1.0) * (0.5 * ny_s) - 0.5
-    return iota_ * interpolation.bilinear_interpolate_core(source, col, row, mode)
+    return col, row
 
 
 def resample_source_stamp(source, factor) -> tf.Tensor:
@@ -685,6 +700,21 @@ class LensingSimulator(keras.layers.Layer):
         if self._convolution is not None:
             image = self._convolution(image[:, None])[:, 0]
         return image
+
+    def traced_source_coordinates(self, params, source_shape=(64, 64)):
+        """Where each ray-traced (sub-)pixel lands on the source stamp, in stamp pixels.
+
+        ``params``: dict of ``(batch,)`` tensors (unvalidated, as in :meth:`call`);
+        returns ``(col, row)``, each ``(batch, N, N)`` with ``N = n_pix * supersampling``
+        (:func:`source_pixel_coordinates_core`). Used by the source-plane residual of
+        :mod:`tfhybrid.physics.source_residual`.
+        """
+        config = self.config
+        beta1, beta2 = ray_trace_core(
+            self._theta1, self._theta2, params, config.deflection, self.table
+        )
+        return source_pixel_coordinates_core(beta1, beta2, params["theta_src1"],
+                                             params["theta_src2"], params["s"], source_shape)
 
     def call(self, inputs):
         dtype = self.config.tf_dtype

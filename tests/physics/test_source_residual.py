@@ -1,0 +1,110 @@
+"""Tests of tfhybrid.physics.source_residual (the marginalised source-plane residual).
+
+References: a dense design matrix built pixel by pixel (``bilinear_design_matrix``, itself
+checked against scipy's bilinear ``RegularGridInterpolator``), scipy's dense multivariate
+normal for the marginal likelihood, and central finite differences for the gradient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy.interpolate import RegularGridInterpolator
+from scipy.stats import multivariate_normal
+
+from tfhybrid.physics import source_residual as sr
+from tfhybrid.validation import TfhybridInputError
+
+
+def _positions(rng, batch, num_pix, m):
+    # beyond the grid on every side (the fade-out cells and far outside) as well as inside
+    size = (batch, num_pix)
+    return rng.uniform(-2.5, m + 1.5, size), rng.uniform(-2.5, m + 1.5, size)
+
+
+def test_design_matrix_is_bilinear_interpolation_with_a_zero_border():
+    rng = np.random.default_rng(0)
+    m = 5
+    col, row = _positions(rng, 1, 400, m)
+    values = rng.normal(size=(m, m))
+    # scipy: the grid padded by a ring of zero nodes = the one-node fade-out beyond the edge
+    padded = np.pad(values, 1)
+    axis = np.arange(-1, m + 1, dtype=np.float64)
+    ref = RegularGridInterpolator((axis, axis), padded, bounds_error=False, fill_value=0.0)
+    expected = ref(np.stack([row[0], col[0]], -1))
+    got = sr.bilinear_design_matrix(col, row, m)[0] @ values.reshape(-1)
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [1 + 1, 4, 7])
+def test_bilinear_gram_equals_the_dense_products(m):
+    rng = np.random.default_rng(m)
+    col, row = _positions(rng, 3, 500, m)
+    resid = rng.normal(size=(3, 500))
+    dense = sr.bilinear_design_matrix(col, row, m)
+    gram, proj = sr.bilinear_gram(tf.constant(col), tf.constant(row), tf.constant(resid), m)
+    # float64 in, float64 sums: agreement to rounding
+    np.testing.assert_allclose(gram.numpy(), np.einsum("bpi,bpj->bij", dense, dense), atol=1e-12)
+    np.testing.assert_allclose(proj.numpy(), np.einsum("bpi,bp->bi", dense, resid), atol=1e-12)
+
+
+def test_marginal_correction_equals_the_dense_gaussian():
+    rng = np.random.default_rng(3)
+    m, num_pix = 4, 300
+    col, row = _positions(rng, 2, num_pix, m)
+    resid = rng.normal(size=(2, num_pix)) * 0.1
+    sigma, sigma_res = np.array([0.05, 0.1]), np.array([0.2, 0.03])
+    gram, proj = sr.bilinear_gram(tf.constant(col), tf.constant(row), tf.constant(resid), m)
+    got = sr.marginal_log_likelihood_correction(gram, proj, tf.constant(sigma),
+                                                tf.constant(sigma_res)).numpy()
+    dense = sr.bilinear_design_matrix(col, row, m)
+    for i in range(2):
+        cov = sigma[i] ** 2 * np.eye(num_pix) + sigma_res[i] ** 2 * dense[i] @ dense[i].T
+        full = multivariate_normal(np.zeros(num_pix), cov).logpdf(resid[i])
+        white = multivariate_normal(np.zeros(num_pix), sigma[i] ** 2 * np.eye(num_pix)).logpdf(
+            resid[i])
+        # float64 throughout: the two routes agree to rounding of a ~1e3 log density
+        np.testing.assert_allclose(got[i], full - white, rtol=1e-9, atol=1e-9)
+    # no residual amplitude, no correction; a residual with no pixels on the grid costs nothing
+    zero = sr.marginal_log_likelihood_correction(gram, proj, tf.constant(sigma),
+                                                 tf.constant([1e-12, 1e-12], tf.float64)).numpy()
+    np.testing.assert_allclose(zero, 0.0, atol=1e-12)
+
+
+def test_marginal_correction_in_float32_and_its_gradient():
+    rng = np.random.default_rng(5)
+    m, num_pix = 6, 2000
+    col, row = _positions(rng, 1, num_pix, m)
+    resid = rng.normal(size=(1, num_pix)) * 0.05
+
+    def delta(shift, dtype):
+        c = tf.constant(col + shift, dtype)
+        gram, proj = sr.bilinear_gram(c, tf.constant(row, dtype), tf.constant(resid, dtype), m)
+        return sr.marginal_log_likelihood_correction(
+            gram, proj, tf.constant([0.03], dtype), tf.constant([0.01], dtype))[0]
+
+    d64 = float(delta(0.0, tf.float64))
+    # float32 (the default): A's eigenvalues are >= 1, so the Cholesky is well conditioned
+    assert abs(float(delta(0.0, tf.float32)) - d64) < 1e-4 * max(1.0, abs(d64))
+    # d delta / d (a uniform shift of the positions): autodiff against central differences
+    shift = tf.Variable(0.0, dtype=tf.float64)
+    with tf.GradientTape() as tape:
+        value = delta(shift, tf.float64)
+    grad = float(tape.gradient(value, shift))
+    eps = 1e-6
+    fd = (float(delta(eps, tf.float64)) - float(delta(-eps, tf.float64))) / (2 * eps)
+    np.testing.assert_allclose(grad, fd, rtol=1e-5)
+
+
+def test_grid_coordinates_and_config_validation():
+    cfg = sr.SourceResidualConfig(grid_size=4, pixel_factor=2.0)
+    # the stamp's centre (31.5, 31.5) is the grid's centre (1.5, 1.5); 2 stamp px per node
+    col, row = sr.grid_coordinates(np.array([31.5, 33.5]), np.array([31.5, 27.5]), (64, 64), cfg)
+    np.testing.assert_allclose(col, [1.5, 2.5])
+    np.testing.assert_allclose(row, [1.5, -0.5])
+    assert cfg.num_nodes == 16
+    for bad in (dict(grid_size=1), dict(grid_size=2.5), dict(grid_size=True),
+                dict(pixel_factor=0.0), dict(pixel_factor=float("nan"))):
+        with pytest.raises(TfhybridInputError):
+            sr.SourceResidualConfig(**bad)
