@@ -19,6 +19,9 @@ Target: :class:`tfhybrid.lens.model.LensPosterior` (eq. 26) of paper-size 256 x 
   and extrapolates the steady cost to 550, saying so.
 * **batched systems**: per-step time of one graph holding S = 1, 8, 32 systems (1 start each,
   XLA as fit_map uses it), and the per-system cost = per-step time / S.
+* with ``--source-residual M``: the source-residual stage after the MAP
+  (:func:`tfhybrid.lens.fit.polish_with_source_residual`: σ_δ by the evidence, two polish
+  rounds), and the HMC row then samples that posterior.
 
 The paper's reference (Chianese et al. 2020, section 5.2-5.3, CPU): ~20 min per MAP and ~10 h
 for the HMC chain of one system. Timings on a shared machine vary with its load; the script
@@ -26,7 +29,8 @@ prints the load average next to the table.
 
 Usage::
 
-    nice -n 10 python benchmarks/bench_lens_fit.py [--quick] [--batches 1 8 32]
+    nice -n 10 python benchmarks/bench_lens_fit.py [--quick] [--batches 1 8 32] \
+        [--source-residual 24]
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def test_mock_fit_sample_report(tmp_path, capsys):
     data = json.loads((fit_dir / "map.json").read_text())
     assert np.isfinite(data["log_prob"][0]) and len(data["z"][0]) == 64
     # the residual the MAP was polished under is recorded, and sampling uses it
-    assert data["source_residual"] == {"grid_size": 8, "pixel_factor": 1.5}
+    assert data["source_residual"] == {"grid_size": 8, "pixel_factor": 1.0}
     assert len(data["residual_sigma"]) == 1 and data["residual_sigma"][0] > 0
     for name in ("map_model.fits", "fig_map.png", "fig_loss.png", "map_table.txt"):
         assert (fit_dir / name).is_file(), name

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tfhybrid.lens.defaults import DEFAULT_MAP_STEPS
+from tfhybrid.lens.defaults import DEFAULT_MAP_STEPS, DEFAULT_SOURCE_RESIDUAL_GRID
 
 
 def register(subparsers) -> None:
@@ -26,6 +26,10 @@ def register(subparsers) -> None:
                    help="Adam steps of the MAP fit")
     p.add_argument("--num-results", type=int, default=150, help="HMC draws kept")
     p.add_argument("--num-burnin", type=int, default=50, help="HMC warm-up draws, discarded")
+    p.add_argument("--source-residual", type=int, default=DEFAULT_SOURCE_RESIDUAL_GRID,
+                   metavar="M",
+                   help="integrate out a source-plane residual on an M x M grid after the MAP "
+                        "(0: the paper's white likelihood)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -39,9 +43,12 @@ def run(args) -> int:
             raise TfhybridInputError(f"{flag} must be >= 1; got {v}")
     if args.num_burnin != 0 and args.num_burnin < 20:
         raise TfhybridInputError(f"--num-burnin must be 0 or >= 20; got {args.num_burnin}")
+    if args.source_residual != 0 and not 2 <= args.source_residual <= 64:
+        raise TfhybridInputError(
+            f"--source-residual must be 0 or in [2, 64]; got {args.source_residual}")
     s = run_demo(Path(args.out), seed=args.seed, map_steps=args.map_steps,
                  num_results=args.num_results, num_burnin=args.num_burnin,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, source_residual=args.source_residual)
     t, m = s["truth"], s["map"]
     mean, sd = s["posterior_mean"], s["posterior_std"]
     gap = s["hmc"]["mode_gap"][0]

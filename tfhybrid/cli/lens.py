@@ -53,8 +53,8 @@ def add_map_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source-residual", type=int, default=DEFAULT_SOURCE_RESIDUAL_GRID,
                    metavar="M",
                    help="after the MAP, integrate out a source-plane residual on an M x M grid "
-                        "(sigma by the evidence) and polish again; sampling then uses that "
-                        "posterior (0: the paper's white likelihood)")
+                        "(its sigma chosen by the evidence) and polish again; sampling then uses "
+                        "that posterior (0: the paper's white likelihood; default %(default)s)")
     p.add_argument("--residual-pixel-factor", type=float,
                    default=DEFAULT_RESIDUAL_PIXEL_FACTOR,
                    help="node spacing of the residual grid in source-stamp pixels")

@@ -27,6 +27,8 @@ from tfhybrid.lens.defaults import (
     DEFAULT_MAP_STEPS,
     DEFAULT_NEWTON_ITER,
     DEFAULT_NUM_STARTS,
+    DEFAULT_RESIDUAL_PIXEL_FACTOR,
+    DEFAULT_SOURCE_RESIDUAL_GRID,
 )
 from tfhybrid.lens.fit import (
     LensMap,
@@ -257,13 +259,16 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
 def run_demo(out_dir, seed: int = 0, map_steps: int = DEFAULT_MAP_STEPS, num_results: int = 150,
              num_burnin: int = 50, num_starts: int = DEFAULT_NUM_STARTS, progress: bool = True,
              coarse_starts: int = DEFAULT_COARSE_STARTS,
-             newton_iter: int = DEFAULT_NEWTON_ITER) -> dict:
+             newton_iter: int = DEFAULT_NEWTON_ITER,
+             source_residual: int = DEFAULT_SOURCE_RESIDUAL_GRID) -> dict:
     """The package's main job on the shipped defaults: one mock, MAP, a short HMC run.
 
     One held-out simulated galaxy lensed by a prior-drawn SPLE + shear lens at the paper's high
     S/N (σ = 0.0333), fitted with the shipped VAE source model: a coarse-grid global search
     (``coarse_starts``), multi-start Adam MAP at full resolution, ``newton_iter`` Newton
-    steps and whitened L-BFGS (:func:`tfhybrid.lens.fit.newton_polish`), then
+    steps and whitened L-BFGS (:func:`tfhybrid.lens.fit.newton_polish`), with a
+    ``source_residual`` × ``source_residual`` source-plane residual integrated out after it
+    (0: none; :func:`tfhybrid.lens.fit.polish_with_source_residual`), then
     ``num_burnin`` adaptation steps and ``num_results`` HMC draws from the MAP. Writes the mock
     FITS, the MAP and posterior outputs and ``demo_summary.json``; returns the summary.
     """
@@ -276,15 +281,18 @@ def run_demo(out_dir, seed: int = 0, map_steps: int = DEFAULT_MAP_STEPS, num_res
     mocks = make_mocks(1, seed=seed, noise_levels=("high",), min_snr_high=300.0)
     write_mock_fits(mocks, out, overwrite=True)
     posterior = LensPosterior(mocks.observed["high"], mocks.noise_sigma["high"], vae)
+    residual = (SourceResidualConfig(int(source_residual), DEFAULT_RESIDUAL_PIXEL_FACTOR)
+                if source_residual else None)
     fit = fit_map(posterior, num_starts=num_starts, num_steps=map_steps, seed=seed,
-                  progress=progress, coarse_starts=coarse_starts, newton_iter=newton_iter)
+                  progress=progress, coarse_starts=coarse_starts, newton_iter=newton_iter,
+                  source_residual=residual)
     label = f"high S/N (σ={mocks.noise_sigma['high']:g}, S/N={mocks.snr['high'][0]:.0f})"
     map_summary = write_fit_outputs(out, posterior, fit, mocks, labels=[label])
     samples = sample_lens_posterior(posterior, fit, num_results=num_results,
                                     num_burnin=num_burnin, seed=seed, progress=progress,
                                     checkpoint_dir=out / "hmc_chunks")
     post_summary = write_sample_outputs(out, samples, fit, mocks.params, labels=[label],
-                                        posterior=posterior)
+                                        posterior=fit.posterior_of(posterior))
     truth = {k: float(v) for k, v in
              with_derived({k: mocks.params[k][0] for k in PARAM_NAMES}).items()}
     summary = dict(
