@@ -169,8 +169,8 @@ class LensMap:
                         f" to {np.max(gain):.3g} over {len(gain)} system(s)")
         if self.residual_sigma is not None:
             msg += (f"; source residual ({self.source_residual.grid_size}² nodes) σ_δ "
-                    f"{np.round(self.residual_sigma, 4).tolist()}, log evidence "
-                    f"+{np.round(self.residual_gain, 1).tolist()} over the white likelihood")
+                    f"{np.round(self.residual_sigma, 4).tolist()}, log evidence gained over "
+                    f"the white likelihood {np.round(self.residual_gain, 1).tolist()} nats")
         return msg
 
 
