@@ -25,7 +25,7 @@ DEFAULT_LBFGS_ITER = 200
 DEFAULT_LBFGS_CYCLES = 3
 #: side of the source-plane residual grid integrated out after the MAP by ``tfhybrid lens fit``
 #: and the study (0: the paper's white likelihood; see tfhybrid.physics.source_residual). On
-#: the 10-mock study (v13 against v12) it raised r_Ein and γ both within 1 % from 4 to 6
+#: the 10-mock study (v13 against v12) it raised r_Ein and γ both within 1 % from 4 to 5–6
 #: systems and the 68 % coverage of r_Ein, θ_E, γ, φ, q from 3, 5, 6, 6, 3 to 4, 6, 8, 5, 6
 DEFAULT_SOURCE_RESIDUAL_GRID = 24
 #: node spacing of that grid in source-stamp pixels
