@@ -413,9 +413,13 @@ def residual_sigma_by_evidence(posterior: LensPosterior, state,
     white = posterior.with_source_residual(None)
     params = dict(zip(PARAM_NAMES, state[:-1], strict=True))
     base = white.log_likelihood(params, state[-1]).numpy().astype(np.float64)
-    loglik = np.stack([
-        white.with_source_residual(source_residual, sd).log_likelihood(
-            params, state[-1]).numpy().astype(np.float64)
+    # BᵀB and Bᵀr do not depend on σ_δ: computed once, then only the M × M factorisation
+    with_res = white.with_source_residual(source_residual, float(grid[0]))
+    gram, projected = with_res.residual_gram(params, with_res.predict(params, state[-1]))
+    lead = tf.constant([posterior.num_systems])
+    loglik = base + np.stack([
+        with_res.residual_correction(gram, projected, tf.fill([posterior.num_systems], sd),
+                                     lead).numpy().astype(np.float64)
         for sd in grid
     ])  # (K, S)
     loglik = np.where(np.isfinite(loglik), loglik, -np.inf)

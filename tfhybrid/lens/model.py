@@ -268,20 +268,27 @@ class LensPosterior:
         white = -0.5 * tf.reduce_sum(resid * resid, axis=[-2, -1]) + const
         if self._residual_sigma is None:
             return white
-        lead = tf.shape(white)
+        gram, projected = self.residual_gram(params, model)
+        return white + self.residual_correction(gram, projected, self._residual_sigma,
+                                                tf.shape(white))
+
+    def residual_gram(self, params: Mapping, model):
+        """``BᵀB`` and ``Bᵀ(I_obs − model)`` of the source residual, flattened over ``lead``."""
         n = self.config.n_pix
         col, row = self._grid_coordinates(params)
         flat_col, flat_row = (tf.reshape(c, [-1, n * n]) for c in (col, row))
         data = tf.reshape(self._observed - model, [-1, n * n])
-        gram, projected = residual_model.bilinear_gram(
-            flat_col, flat_row, data, self.source_residual.grid_size
-        )
+        return residual_model.bilinear_gram(flat_col, flat_row, data,
+                                            self.source_residual.grid_size)
+
+    def residual_correction(self, gram, projected, residual_sigma, lead) -> tf.Tensor:
+        """The marginal's correction to the white log-likelihood at σ_δ ``(S,)``, shape ``lead``."""
         sigma = tf.reshape(tf.broadcast_to(self._sigma, lead), [-1])
-        sigma_res = tf.reshape(tf.broadcast_to(self._residual_sigma, lead), [-1])
+        sigma_res = tf.reshape(tf.broadcast_to(tf.cast(residual_sigma, self.dtype), lead), [-1])
         delta = residual_model.marginal_log_likelihood_correction(
             gram, projected, sigma, sigma_res
         )
-        return white + tf.reshape(delta, lead)
+        return tf.reshape(delta, lead)
 
     def _grid_coordinates(self, params: Mapping):
         """Each image pixel's position on the residual grid, ``(lead·, n_pix, n_pix)`` each."""
