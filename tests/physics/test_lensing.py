@@ -229,6 +229,27 @@ def test_keras_layer_matches_function_and_round_trips_config():
     assert clone.config == SMALL
 
 
+
+
+def test_image_and_source_coordinates_share_one_ray_trace():
+    # against the two separate paths: call() for the image and traced_source_coordinates()
+    # for the positions, and against the positions computed from ray_trace by hand
+    layer = lensing.LensingSimulator(SMALL)
+    params = _batch_params(2)
+    sources = np.stack([_source(32, 0), _source(32, 1)]).astype(np.float32)
+    inputs = {"source": sources, **{k: v.astype(np.float32) for k, v in params.items()}}
+    image, (col, row) = layer.image_and_source_coordinates(inputs, (24, 24))
+    np.testing.assert_array_equal(image.numpy(), layer(inputs).numpy())
+    flat = {k: tf.constant(v, tf.float32) for k, v in params.items()}
+    col_ref, row_ref = layer.traced_source_coordinates(flat, (24, 24))
+    np.testing.assert_array_equal(col.numpy(), col_ref.numpy())
+    np.testing.assert_array_equal(row.numpy(), row_ref.numpy())
+    t1, t2 = lensing.lens_plane_grid(SMALL)
+    b1, _ = lensing.ray_trace(t1[None], t2[None], params)
+    # stamp edges at theta_src ± s, 24 pixels across, centres at integers (float32: 1e-4 px)
+    expected = ((b1.numpy() - params["theta_src1"][:, None, None]) / params["s"][:, None, None]
+                + 1.0) * 12.0 - 0.5
+    np.testing.assert_allclose(col.numpy(), expected, atol=1e-3)
 # ----------------------------------------------------------------------------------------------
 # Gradients
 # ----------------------------------------------------------------------------------------------

@@ -236,13 +236,27 @@ class LensPosterior:
 
         ``params``: the 12 parameters, each of shape ``lead``; ``z``: ``lead + (latent_dim,)``.
         """
+        return self._predict(params, z)[0]
+
+    def _predict(self, params: Mapping, z, grid_coordinates: bool = False):
+        """``(I_pred, coordinates)``: :meth:`predict`, and with ``grid_coordinates`` each image
+        pixel's position on the source residual's grid from the same ray trace
+        (:meth:`_grid_coordinates`; flattened over ``lead``), else None."""
         z = tf.convert_to_tensor(z, self.dtype)
         lead = tf.shape(z)[:-1]
         flat = {k: tf.reshape(tf.cast(params[k], self.dtype), [-1]) for k in PARAM_NAMES}
         source = self.source_images(tf.reshape(z, [-1, self.latent_dim]))
-        image = self._simulator(dict(source=source, **flat))
+        inputs = dict(source=source, **flat)
+        coordinates = None
+        if grid_coordinates:
+            image, (col, row) = self._simulator.image_and_source_coordinates(
+                inputs, self._source_shape)
+            coordinates = residual_model.grid_coordinates(col, row, self._source_shape,
+                                                          self.source_residual)
+        else:
+            image = self._simulator(inputs)
         n = self.config.n_pix
-        return tf.reshape(image, tf.concat([lead, [n, n]], 0))
+        return tf.reshape(image, tf.concat([lead, [n, n]], 0)), coordinates
 
     @property
     def residual_sigma_values(self) -> np.ndarray | None:
@@ -261,21 +275,26 @@ class LensPosterior:
         With a source residual, the marginal ``log N(I_obs | I_pred, σ² I + σ_δ² B Bᵀ)``
         (:func:`tfhybrid.physics.source_residual.marginal_log_likelihood_correction`).
         """
-        model = self.predict(params, z)
+        with_residual = self._residual_sigma is not None
+        model, coordinates = self._predict(params, z, grid_coordinates=with_residual)
         resid = (model - self._observed) / self._sigma[:, None, None]
         n_pix = float(self.config.n_pix**2)
         const = -0.5 * n_pix * np.log(2.0 * np.pi) - n_pix * tf.math.log(self._sigma)
         white = -0.5 * tf.reduce_sum(resid * resid, axis=[-2, -1]) + const
-        if self._residual_sigma is None:
+        if not with_residual:
             return white
-        gram, projected = self.residual_gram(params, model)
+        gram, projected = self.residual_gram(params, model, coordinates)
         return white + self.residual_correction(gram, projected, self._residual_sigma,
                                                 tf.shape(white))
 
-    def residual_gram(self, params: Mapping, model):
-        """``BᵀB`` and ``Bᵀ(I_obs − model)`` of the source residual, flattened over ``lead``."""
+    def residual_gram(self, params: Mapping, model, coordinates=None):
+        """``BᵀB`` and ``Bᵀ(I_obs − model)`` of the source residual, flattened over ``lead``.
+
+        ``coordinates``: :meth:`_grid_coordinates` at ``params`` when the caller has them
+        (from :meth:`_predict`'s ray trace); computed here otherwise.
+        """
         n = self.config.n_pix
-        col, row = self._grid_coordinates(params)
+        col, row = self._grid_coordinates(params) if coordinates is None else coordinates
         flat_col, flat_row = (tf.reshape(c, [-1, n * n]) for c in (col, row))
         data = tf.reshape(self._observed - model, [-1, n * n])
         return residual_model.bilinear_gram(flat_col, flat_row, data,

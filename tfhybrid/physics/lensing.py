@@ -681,11 +681,16 @@ class LensingSimulator(keras.layers.Layer):
         )
 
     # -- the model ------------------------------------------------------------------------
-    def _forward(self, source, params, n_terms=None):
+    def _forward(self, source, params, n_terms=None, coordinates_shape=None):
         config = self.config
         beta1, beta2 = ray_trace_core(
             self._theta1, self._theta2, params, config.deflection, self.table, n_terms
         )
+        coordinates = None
+        if coordinates_shape is not None:  # the same rays, on another stamp's pixel grid
+            coordinates = source_pixel_coordinates_core(
+                beta1, beta2, params["theta_src1"], params["theta_src2"], params["s"],
+                coordinates_shape)
         image = source_surface_brightness_core(
             source,
             beta1,
@@ -699,7 +704,7 @@ class LensingSimulator(keras.layers.Layer):
         image = _downsample(image, config.supersampling)
         if self._convolution is not None:
             image = self._convolution(image[:, None])[:, 0]
-        return image
+        return image if coordinates is None else (image, coordinates)
 
     def traced_source_coordinates(self, params, source_shape=(64, 64)):
         """Where each ray-traced (sub-)pixel lands on the source stamp, in stamp pixels.
@@ -716,7 +721,22 @@ class LensingSimulator(keras.layers.Layer):
         return source_pixel_coordinates_core(beta1, beta2, params["theta_src1"],
                                              params["theta_src2"], params["s"], source_shape)
 
+    def image_and_source_coordinates(self, inputs, source_shape=(64, 64)):
+        """:meth:`call`'s image and :meth:`traced_source_coordinates` from one ray trace.
+
+        Returns ``(image, (col, row))``: the image ``(batch, n_pix, n_pix)`` and where each
+        traced (sub-)pixel lands on a ``source_shape`` stamp spanning ``theta_src ± s``. The
+        lens equation is the costly part of both; the source-plane residual's likelihood
+        needs both at every evaluation.
+        """
+        source, params = self._check_inputs(inputs)
+        return self._forward(source, params, coordinates_shape=tuple(source_shape))
+
     def call(self, inputs):
+        source, params = self._check_inputs(inputs)
+        return self._forward(source, params)
+
+    def _check_inputs(self, inputs):
         dtype = self.config.tf_dtype
         source = tf.cast(inputs["source"], dtype)
         if source.shape.rank != 3:
@@ -727,7 +747,7 @@ class LensingSimulator(keras.layers.Layer):
         if missing:
             raise TfhybridInputError(f"inputs lack the parameters {missing}")
         params = {k: tf.reshape(tf.cast(inputs[k], dtype), [-1]) for k in PARAM_NAMES}
-        return self._forward(source, params)
+        return source, params
 
     def simulate(self, source, params: Mapping) -> tf.Tensor:
         """Validated, compiled forward model; see :func:`simulate_lensed_image`."""
