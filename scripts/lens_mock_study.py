@@ -117,6 +117,7 @@ def main(argv=None) -> dict:
     from tfhybrid.lens.fit import (
         LensMap,
         coverage,
+        coverage_flags,
         equivalent_truth,
         fit_map,
         sample_lens_posterior,
@@ -229,6 +230,8 @@ def main(argv=None) -> dict:
             min_ess=post["min_ess"], step_size=post["step_size"],
             num_systems_sampled=len(np.asarray(truth["r_ein"])),
             coverage_68=coverage(truth, samples, 0.68),
+            # per system, so that studies can be pooled (tfhybrid lens report DIR/posterior ...)
+            covered_68={k: v.tolist() for k, v in coverage_flags(truth, samples, 0.68).items()},
             # highest log p among every 10th draw minus the MAP's: > 0, the MAP was not the mode
             mode_gap=gap.tolist(),
             per_param=per_param,
@@ -244,6 +247,8 @@ def main(argv=None) -> dict:
 
 def _format(summary, tol_pct) -> str:
     import numpy as np
+
+    from tfhybrid.inference.diagnostics import coverage_test
 
     m = summary["map"]
     lines = [
@@ -287,6 +292,11 @@ def _format(summary, tol_pct) -> str:
             f"{h['min_ess']}",
             "68 % interval coverage: " + ", ".join(
                 f"{k} {v:.2f}" for k, v in h["coverage_68"].items()),
+        ]
+        if "covered_68" in h:  # exact binomial test of calibration, per parameter
+            lines.append("  binomial test against 68 %: " + "; ".join(
+                f"{k} {coverage_test(v, 0.68)}" for k, v in h["covered_68"].items()))
+        lines += [
             "best draw's log p minus the MAP's (> 0: the MAP was not the mode): "
             + " ".join(f"{g:+.0f}" for g in h.get("mode_gap", [])),
         ]

@@ -51,8 +51,14 @@ def test_mock_fit_sample_report(tmp_path, capsys):
         assert s["r_ein"].shape == (6, 1, 1) and np.all(np.isfinite(s["r_ein"]))
     for name in ("posterior.nc", "fig_posterior.png", "table.txt", "summary.json"):
         assert (fit_dir / name).is_file(), name
-    assert main(["lens", "report", str(fit_dir)]) == 0
-    assert "r_ein" in capsys.readouterr().out
+    # two runs pooled (here the same one twice): exact 68 % coverage with its binomial test
+    assert main(["lens", "report", str(fit_dir), str(fit_dir),
+                 "--out", str(tmp_path / "report.json")]) == 0
+    out = capsys.readouterr().out
+    assert "r_ein" in out and "68 % interval covers the truth" in out and "/2 (expected" in out
+    assert "r_ein and gamma both within 1 %:" in out and "/2 systems" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["r_ein"]["n"] == 2 and 0.0 <= report["r_ein"]["coverage_68_p_value"] <= 1.0
 
 
 def test_bad_input_one_line_no_output(tmp_path, capsys):
@@ -86,3 +92,26 @@ def test_bad_input_one_line_no_output(tmp_path, capsys):
     assert not (tmp_path / "f").exists()
     assert main(["demo", "--map-steps", "0", "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()
+
+
+def test_report_computes_coverage_from_the_draws_of_older_runs(tmp_path, capsys):
+    """A summary.json without ``covered_68`` (runs before it existed): the 68 % intervals
+    come from the run's samples.npz; θ_E = sqrt(q) r_Ein is derived from the draws."""
+    rng = np.random.default_rng(0)
+    n, s = 400, 3
+    r = 1.0 + 0.01 * rng.standard_normal((n, 1, s))
+    q = 0.81 + 0.001 * rng.standard_normal((n, 1, s))
+    np.savez(tmp_path / "samples.npz", r_ein=r, q=q, z=np.zeros((n, 1, s, 2)))
+    true_r = [1.0, 1.05, 1.003]  # inside, far outside, inside the ±1 % interval
+    table = [dict(system=i, parameter="r_ein", true=t, map=1.0, error_map_pct=100 * (1 - t) / t,
+                  mean=1.0, std=0.01, bias_sigma=(1 - t) / 0.01) for i, t in enumerate(true_r)]
+    table += [dict(system=i, parameter="theta_e", true=0.9 * t, map=0.9, mean=0.9, std=0.01,
+                   error_map_pct=0.0, bias_sigma=0.0) for i, t in enumerate(true_r)]
+    (tmp_path / "summary.json").write_text(json.dumps({"table": table}))
+    assert main(["lens", "report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "r_ein" in out and "covers the truth: 2/3" in out
+    assert "theta_e" in out and out.count("covers the truth: 2/3") == 2
+    (tmp_path / "summary.json").write_text("{not json")
+    assert main(["lens", "report", str(tmp_path)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err

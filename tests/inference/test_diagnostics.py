@@ -47,3 +47,38 @@ def test_summary_and_arviz_roundtrip(tmp_path):
     np.testing.assert_array_equal(back.posterior["beta"].values, np.swapaxes(b, 0, 1))
     with pytest.raises(TfhybridInputError, match="num_results, num_chains"):
         summarize(np.zeros(10))
+
+
+def test_coverage_test_is_the_exact_two_sided_binomial_test():
+    """Against the binomial sum written out (scipy's "minlike" rule: every outcome no more
+    likely than the observed one), for the study's sizes."""
+    from math import comb
+
+    from tfhybrid.inference.diagnostics import coverage_test
+
+    def p_value(k, n, p):
+        pmf = [comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(n + 1)]
+        return min(1.0, sum(v for v in pmf if v <= pmf[k] * (1 + 1e-7)))
+
+    for k, n in ((9, 20), (13, 20), (10, 20), (20, 20), (0, 10), (4, 10)):
+        flags = np.arange(n) < k
+        test = coverage_test(flags, 0.68)
+        assert (test.covered, test.n) == (k, n)
+        np.testing.assert_allclose(test.p_value, p_value(k, n, 0.68), rtol=1e-9)
+        assert test.low <= k / n <= test.high
+        assert f"{k}/{n}" in str(test)
+    # 68 of 100 is exactly the expectation: nothing to reject
+    assert coverage_test(np.arange(100) < 68).p_value > 0.9
+    assert coverage_test([1, 0, 1], 0.5).covered == 2  # 0/1 accepted
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([], "non-empty"), ([[True, False]], "1-d"), ([0.5, 1.0], "booleans"),
+])
+def test_coverage_test_rejects_bad_input(bad, match):
+    from tfhybrid.inference.diagnostics import coverage_test
+
+    with pytest.raises(TfhybridInputError, match=match):
+        coverage_test(bad)
+    with pytest.raises(TfhybridInputError, match="probability"):
+        coverage_test([True], 1.0)

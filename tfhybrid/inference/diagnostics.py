@@ -27,6 +27,8 @@ __all__ = [
     "summarize",
     "to_arviz",
     "save_netcdf",
+    "CoverageTest",
+    "coverage_test",
 ]
 
 
@@ -75,6 +77,65 @@ def _effective_sample_size(x: np.ndarray) -> np.ndarray:
             axis=0,
         )
     return np.asarray(ess)
+
+
+@dataclass(frozen=True)
+class CoverageTest:
+    """How often ``n`` credible intervals of nominal ``probability`` covered the truth.
+
+    ``p_value``: exact two-sided binomial test of ``covered ~ Binomial(n, probability)``
+    (``scipy.stats.binomtest``): small (say < 0.05) means the intervals are not calibrated,
+    too narrow when ``covered < expected``. ``low, high``: the Clopper–Pearson 95 % interval
+    of the true coverage rate.
+    """
+
+    covered: int
+    n: int
+    probability: float
+    p_value: float
+    low: float
+    high: float
+
+    @property
+    def fraction(self) -> float:
+        return self.covered / self.n
+
+    @property
+    def expected(self) -> float:
+        """``n · probability``."""
+        return self.n * self.probability
+
+    def __str__(self) -> str:
+        return (f"{self.covered}/{self.n} (expected {self.expected:.1f} ± "
+                f"{np.sqrt(self.n * self.probability * (1 - self.probability)):.1f}, "
+                f"p = {self.p_value:.2g})")
+
+
+def coverage_test(covered, probability: float = 0.68) -> CoverageTest:
+    """Is a set of credible intervals calibrated? ``covered``: one bool per interval (per
+    system or mock), True where it held the true value; ``probability``: their nominal mass.
+
+    Over mocks whose truths are drawn from the prior, a calibrated posterior's intervals cover
+    the truth independently with probability ``probability``, so the count is binomial
+    (Cook, Gelman & Rubin 2006; Talts et al. 2018 for the rank version).
+    """
+    from scipy import stats
+
+    flags = np.asarray(covered)
+    if flags.ndim != 1 or flags.size == 0:
+        raise TfhybridInputError(
+            f"covered must be a non-empty 1-d array of booleans; got shape {flags.shape}")
+    if flags.dtype != bool:
+        if not np.all(np.isin(flags, (0, 1))):
+            raise TfhybridInputError("covered must hold booleans (or 0/1)")
+        flags = flags.astype(bool)
+    if not (0.0 < float(probability) < 1.0):
+        raise TfhybridInputError(f"probability must be in (0, 1); got {probability!r}")
+    k, n = int(flags.sum()), int(flags.size)
+    test = stats.binomtest(k, n, float(probability))
+    ci = test.proportion_ci(0.95, method="exact")
+    return CoverageTest(k, n, float(probability), float(test.pvalue), float(ci.low),
+                        float(ci.high))
 
 
 def split_r_hat(samples) -> np.ndarray:

@@ -54,6 +54,7 @@ __all__ = [
     "sample_lens_posterior",
     "parameter_table",
     "coverage",
+    "coverage_flags",
     "equivalent_truth",
     "with_derived",
     "format_table",
@@ -1061,13 +1062,15 @@ def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | Non
 
     ``names`` may include the derived ``theta_e`` (:func:`with_derived`).
 
-    ``error_map_pct`` = 100 (MAP − true) / |true|; ``bias_sigma`` = (mean − true) / std. For
+    ``error_map_pct`` = 100 (MAP − true) / |true|; ``bias_sigma`` = (mean − true) / std;
+    ``lo68, hi68``: the central 68 % interval and ``covered_68`` whether it holds the truth. For
     φ, "true" is the equivalent value φ_true + kπ nearest the estimate
     (:func:`equivalent_truth`).
     """
     rows = []
     mean = samples.mean() if samples is not None else None
     std = samples.std() if samples is not None else None
+    intervals = samples.interval(0.68) if samples is not None else None
     n = len(fit.log_prob)
     fit_params = with_derived(fit.params)
     truth = None if truth is None else with_derived(truth)
@@ -1086,17 +1089,20 @@ def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | Non
                     row["error_mean_pct"] = 100.0 * (row["mean"] - row["true"]) / max(
                         abs(row["true"]), 1e-12)
                     row["bias_sigma"] = (row["mean"] - row["true"]) / max(row["std"], 1e-30)
+                lo, hi = (float(np.asarray(v)[i]) for v in intervals[name])
+                row["lo68"], row["hi68"] = lo, hi
+                if truth is not None:
+                    row["covered_68"] = bool(lo <= row["true"] <= hi)
             rows.append(row)
     return rows
 
 
-def coverage(truth: dict, samples: LensSamples, probability: float = 0.68,
-             names=("r_ein", "theta_e", "gamma", "phi", "q")) -> dict:
-    """Fraction of systems whose central ``probability`` interval contains the truth, per name.
-
-    φ's truth is taken on the branch (φ_true + kπ) nearest the posterior mean; ``theta_e`` is
-    derived (:func:`with_derived`).
-    """
+def coverage_flags(truth: dict, samples: LensSamples, probability: float = 0.68,
+                   names=("r_ein", "theta_e", "gamma", "phi", "q")) -> dict:
+    """Per name, ``(S,)`` booleans: does system ``i``'s central ``probability`` interval
+    contain its truth? φ's truth is taken on the branch (φ_true + kπ) nearest the posterior
+    mean; ``theta_e`` is derived (:func:`with_derived`). Pool them over studies and test them
+    with :func:`tfhybrid.inference.diagnostics.coverage_test`."""
     truth = with_derived(truth)
     intervals = samples.interval(probability)
     mean = samples.mean()
@@ -1104,8 +1110,16 @@ def coverage(truth: dict, samples: LensSamples, probability: float = 0.68,
     for name in names:
         lo, hi = intervals[name]
         t = equivalent_truth(name, truth[name], mean[name])
-        out[name] = float(np.mean((t >= lo) & (t <= hi)))
+        out[name] = np.asarray((t >= lo) & (t <= hi), dtype=bool)
     return out
+
+
+def coverage(truth: dict, samples: LensSamples, probability: float = 0.68,
+             names=("r_ein", "theta_e", "gamma", "phi", "q")) -> dict:
+    """Fraction of systems whose central ``probability`` interval contains the truth, per name
+    (the mean of :func:`coverage_flags`)."""
+    return {name: float(np.mean(flags)) for name, flags in
+            coverage_flags(truth, samples, probability, names).items()}
 
 
 def format_table(rows: list[dict]) -> str:
