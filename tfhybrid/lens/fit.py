@@ -920,35 +920,55 @@ def _whitened_lbfgs(fn, x: np.ndarray, amat: np.ndarray, max_iterations: int,
     return (x0 + tf.einsum("sij,sj->si", a, position)).numpy().astype(np.float64)
 
 
+#: one compiled L-BFGS loop per ``max_iterations``, shared by every polish of the process:
+#: ``max_iterations`` → (graph, one-element list holding the objective of the running call)
+_LBFGS_RUNNERS: dict[int, tuple] = {}
+
+
 def _lbfgs_runner(fn, max_iterations: int):
     """Compiled ``(x0, A) ↦ argmin_w −log p(x0 + A w)`` by ``tfp.optimizer.lbfgs_minimize``.
 
     Run eagerly, TFP's L-BFGS costs ~40 ms of Python and small-op overhead per iteration
     (measured on a 2-core CPU with a trivial 76-d objective: 7.5 s for 200 iterations, 0.4 s
     as a graph), as much as the posterior's own evaluations. As a graph, the loop is traced
-    once (~2 s) per input shape, and :func:`_lbfgs_cycles` reuses it for every polish cycle.
-    ``fn`` is called through ``tf.py_function``, so the posterior is not traced into (nor
-    optimised with) the loop's graph.
+    once per input shape and ``max_iterations`` for the whole process: ``fn`` is called
+    through ``tf.py_function`` and looked up when the graph runs, so the posterior is not
+    traced into (nor optimised with) the loop's graph, and every polish (the white one and
+    each round with the source residual) reuses the first one's trace instead of tracing
+    its own (~1 s each, and TensorFlow's retracing warnings).
     """
+    max_iterations = int(max_iterations)
+    if max_iterations not in _LBFGS_RUNNERS:
+        current = [None]
 
-    def neg_log_prob_and_grad(x0, a, w):  # eager, inside tf.py_function
-        lp, g = fn(x0 + tf.einsum("sij,sj->si", a, w))
-        return -lp, -tf.einsum("sij,si->sj", a, g)
+        def neg_log_prob_and_grad(x0, a, w):  # eager, inside tf.py_function
+            lp, g = current[0](x0 + tf.einsum("sij,sj->si", a, w))
+            return -lp, -tf.einsum("sij,si->sj", a, g)
 
-    @tf.function(autograph=False)
+        @tf.function(autograph=False)
+        def graph(x0, a):
+            def objective(w):
+                value, grad = tf.py_function(neg_log_prob_and_grad, [x0, a, w],
+                                             [tf.float32, tf.float32])
+                value.set_shape(w.shape[:1])
+                grad.set_shape(w.shape)
+                return value, grad
+
+            res = tfp.optimizer.lbfgs_minimize(
+                objective, tf.zeros_like(x0), max_iterations=max_iterations,
+                num_correction_pairs=20, tolerance=1e-8,
+            )
+            return res.position
+
+        _LBFGS_RUNNERS[max_iterations] = (graph, current)
+    graph, current = _LBFGS_RUNNERS[max_iterations]
+
     def run(x0, a):
-        def objective(w):
-            value, grad = tf.py_function(neg_log_prob_and_grad, [x0, a, w],
-                                         [tf.float32, tf.float32])
-            value.set_shape(w.shape[:1])
-            grad.set_shape(w.shape)
-            return value, grad
-
-        res = tfp.optimizer.lbfgs_minimize(
-            objective, tf.zeros_like(x0), max_iterations=max_iterations,
-            num_correction_pairs=20, tolerance=1e-8,
-        )
-        return res.position
+        previous, current[0] = current[0], fn
+        try:
+            return graph(x0, a)
+        finally:
+            current[0] = previous
 
     return run
 
