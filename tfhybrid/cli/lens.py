@@ -341,7 +341,7 @@ def run_report(args) -> int:
         entry = dict(n=len(sel), median_abs_map_error_pct=float(np.median(err)),
                      fraction_within_1pct=float(np.mean(err < 1.0)))
         flags = [r["covered_68"] for r in sel if "covered_68" in r]
-        if len(flags) == len(sel):  # the exact 68 % intervals (since 0.x: older runs lack them)
+        if len(flags) == len(sel):  # every row has its exact 68 % interval (MAP-only: none)
             test = coverage_test(flags, 0.68)
             entry.update(coverage_68=test.fraction, coverage_68_p_value=test.p_value,
                          coverage_68_text=str(test))
