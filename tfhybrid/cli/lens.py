@@ -286,25 +286,26 @@ def run_sample(args) -> int:
 
 
 def _add_interval_flags(rows: list[dict], samples_path: Path) -> None:
-    """Fill ``covered_68`` of table rows from the run's ``samples.npz`` (same 68 % central
-    intervals as :func:`tfhybrid.lens.fit.coverage_flags`; the rows' ``true`` is already on
-    φ's nearest branch). Leaves the rows alone when the draws are missing or unreadable."""
+    """Fill ``covered_68`` of table rows from the run's ``samples.npz``, with the intervals of
+    :meth:`tfhybrid.lens.fit.LensSamples.interval` (the rows' ``true`` is already on φ's
+    nearest branch). Leaves the rows alone when the draws are missing or unreadable."""
     import numpy as np
 
-    from tfhybrid.lens.fit import with_derived
+    from tfhybrid.lens.fit import LensSamples
 
     if not samples_path.is_file():
         return
     try:
         with np.load(samples_path) as f:
-            draws = with_derived({k: f[k] for k in f.files if k != "z"})
+            draws = {k: f[k] for k in f.files if k != "z"}
+        intervals = LensSamples(draws, None, None).interval(0.68)
     except (OSError, ValueError, KeyError):
         return
     for r in rows:
-        v = draws.get(r["parameter"])
-        if "true" not in r or v is None or v.ndim < 1 or r["system"] >= v.shape[-1]:
+        lo_hi = intervals.get(r["parameter"])
+        if "true" not in r or lo_hi is None or r["system"] >= len(lo_hi[0]):
             continue
-        lo, hi = np.percentile(v.reshape(-1, v.shape[-1])[:, r["system"]], [16.0, 84.0])
+        lo, hi = (float(v[r["system"]]) for v in lo_hi)
         r["covered_68"] = bool(lo <= r["true"] <= hi)
 
 
