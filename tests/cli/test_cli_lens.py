@@ -39,6 +39,15 @@ def test_mock_fit_sample_report(tmp_path, capsys):
     assert len(data["residual_sigma"]) == 1 and data["residual_sigma"][0] > 0
     for name in ("map_model.fits", "fig_map.png", "fig_loss.png", "map_table.txt"):
         assert (fit_dir / name).is_file(), name
+    # the model-robust (sandwich) intervals at the MAP, by default
+    assert "sandwich / Laplace width" in out
+    map_summary = json.loads((fit_dir / "map_summary.json").read_text())
+    assert map_summary["robust"]["block_size"] == 16
+    assert map_summary["robust"]["sd"]["r_ein"][0] > 0
+    row = next(r for r in map_summary["table"] if r["parameter"] == "r_ein")
+    assert row["lo68_robust"] < row["map"] < row["hi68_robust"]
+    assert isinstance(row["covered_68_robust"], bool)
+    shutil.copytree(fit_dir, tmp_path / "map_only")  # before sampling: MAP outputs only
     assert main(["lens", "sample", "--mock", str(mock), "--map", str(fit_dir / "map.json"),
                  "--num-results", "6", "--num-burnin", "0", "--out", str(fit_dir),
                  "--no-progress"]) == 0
@@ -61,6 +70,10 @@ def test_mock_fit_sample_report(tmp_path, capsys):
     assert "r_ein and gamma both within 1 %:" in out and "/2 systems" in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["r_ein"]["n"] == 2 and 0.0 <= report["r_ein"]["coverage_68_p_value"] <= 1.0
+    # a MAP-only directory: the sandwich intervals' coverage
+    assert main(["lens", "report", str(tmp_path / "map_only")]) == 0
+    out = capsys.readouterr().out
+    assert "sandwich 68 % interval covers: " in out and "/1 (expected" in out
 
 
 def test_bad_input_one_line_no_output(tmp_path, capsys):
@@ -91,6 +104,10 @@ def test_bad_input_one_line_no_output(tmp_path, capsys):
     assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--source-residual",
                  "1", "--out", str(tmp_path / "f")]) == 2
     assert "grid_size must be an integer in [2, 64]" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
+    assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--robust-block",
+                 "-3", "--out", str(tmp_path / "f")]) == 2
+    assert "--robust-block must be in [0, 256] pixels; got -3" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
     assert main(["demo", "--map-steps", "0", "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()

@@ -63,6 +63,10 @@ def run(args) -> int:
         f"gamma {s['hmc']['ess']['gamma']:.0f}; best draw's log p {gap:+.0f} nats from the "
         f"MAP's) -> {args.out}/"
     )
+    rs = s["robust_std"]
+    print(f"model-robust (sandwich) sd at the MAP, for the source model's misfit: r_Ein "
+          f"{rs['r_ein']:.4f}, theta_E {rs['theta_e']:.4f}, gamma {rs['gamma']:.3f}, "
+          f"q {rs['q']:.4f}")
     if gap > 0:
         print("note: the chain found a higher log p than the MAP, which was a local optimum; "
               "its draws may still be moving (run longer: --num-burnin, --num-results)")

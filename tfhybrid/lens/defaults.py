@@ -32,3 +32,8 @@ DEFAULT_LBFGS_CYCLES = 3
 DEFAULT_SOURCE_RESIDUAL_GRID = 24
 #: node spacing of that grid in source-stamp pixels
 DEFAULT_RESIDUAL_PIXEL_FACTOR = 1.0
+#: side (image pixels) of the sliding windows of the model-robust (sandwich) intervals at the
+#: MAP (tfhybrid.lens.robust; 0 in the CLI: none): larger than the source misfit's
+#: correlation length in the image (the PSF, σ = 1.25 pixels, and the lensed source's
+#: features), small enough for ~(256 / 16)² independent windows
+DEFAULT_ROBUST_BLOCK = 16

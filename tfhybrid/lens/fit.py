@@ -1077,7 +1077,7 @@ def sample_lens_posterior(
 
 def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | None = None,
                     names=("r_ein", "theta_e", "gamma", "phi", "q", "gamma1", "gamma2",
-                           "theta_lens1", "theta_lens2")) -> list[dict]:
+                           "theta_lens1", "theta_lens2"), robust=None) -> list[dict]:
     """Rows (one per system and parameter): true, MAP, posterior mean ± std, per cent errors.
 
     ``names`` may include the derived ``theta_e`` (:func:`with_derived`).
@@ -1085,12 +1085,15 @@ def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | Non
     ``error_map_pct`` = 100 (MAP − true) / |true|; ``bias_sigma`` = (mean − true) / std;
     ``lo68, hi68``: the central 68 % interval and ``covered_68`` whether it holds the truth. For
     φ, "true" is the equivalent value φ_true + kπ nearest the estimate
-    (:func:`equivalent_truth`).
+    (:func:`equivalent_truth`). ``robust``: a :class:`tfhybrid.lens.robust.RobustIntervals`
+    at the MAP adds ``sd_robust``, ``lo68_robust``, ``hi68_robust`` and ``covered_68_robust``
+    (the model-robust sandwich interval).
     """
     rows = []
     mean = samples.mean() if samples is not None else None
     std = samples.std() if samples is not None else None
     intervals = samples.interval(0.68) if samples is not None else None
+    robust_bounds = robust.interval(0.68) if robust is not None else None
     n = len(fit.log_prob)
     fit_params = with_derived(fit.params)
     truth = None if truth is None else with_derived(truth)
@@ -1113,6 +1116,14 @@ def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | Non
                 row["lo68"], row["hi68"] = lo, hi
                 if truth is not None:
                     row["covered_68"] = bool(lo <= row["true"] <= hi)
+            if robust_bounds is not None and name in robust_bounds:
+                lo, hi = (float(np.asarray(v)[i]) for v in robust_bounds[name])
+                row["sd_robust"] = float(robust.sd[name][i])
+                row["lo68_robust"], row["hi68_robust"] = lo, hi
+                if truth is not None:
+                    t = float(equivalent_truth(name, np.asarray(truth[name])[i],
+                                               row["map"]))
+                    row["covered_68_robust"] = bool(lo <= t <= hi)
             rows.append(row)
     return rows
 

@@ -43,6 +43,7 @@ from tfhybrid.lens.fit import (
 )
 from tfhybrid.lens.mocks import MockSystems, make_mocks, write_mock_fits
 from tfhybrid.lens.model import LensPosterior
+from tfhybrid.lens.robust import sandwich_intervals
 from tfhybrid.physics.lensing import PARAM_NAMES, source_surface_brightness
 from tfhybrid.physics.source_residual import SourceResidualConfig
 from tfhybrid.validation import TfhybridInputError
@@ -51,6 +52,7 @@ __all__ = [
     "source_plane_grid",
     "evaluate_source",
     "write_fit_outputs",
+    "robust_summary",
     "samples_to_arviz",
     "write_sample_outputs",
     "load_map_json",
@@ -128,8 +130,12 @@ def load_map_json(path) -> dict:
 
 def write_fit_outputs(out_dir, posterior: LensPosterior, fit: LensMap,
                       mocks: MockSystems | None = None, labels: Sequence[str] | None = None,
-                      observed=None) -> dict:
-    """Write the MAP outputs (see the module docstring); return paths and headline numbers."""
+                      observed=None, robust=None) -> dict:
+    """Write the MAP outputs (see the module docstring); return paths and headline numbers.
+
+    ``robust``: :class:`tfhybrid.lens.robust.RobustIntervals` at the MAP, recorded in
+    ``map_summary.json`` (``robust``: block size, sandwich sd and inflation per parameter)
+    and in the table's ``*_robust`` columns."""
     from astropy.io import fits
 
     from tfhybrid.plotting.lens import loss_trace_figure, map_reconstruction_figure
@@ -164,13 +170,23 @@ def write_fit_outputs(out_dir, posterior: LensPosterior, fit: LensMap,
     savefig_atomic(fig, out / "fig_loss.png", dpi=90)
     chi2 = np.mean(((model - obs) / posterior.noise_sigma[:, None, None]) ** 2, axis=(-2, -1))
     summary = dict(chi2_per_pixel=chi2.tolist(), wall_time_s=fit.wall_time_s)
+    if robust is not None:
+        summary["robust"] = robust_summary(robust)
     if mocks is not None:
-        rows_t = parameter_table(mocks.params, fit)
+        rows_t = parameter_table(mocks.params, fit, robust=robust)
         summary["table"] = rows_t
         with atomic_path(out / "map_table.txt") as tmp:
             tmp.write_text(format_table(rows_t) + "\n")
     write_json_atomic(out / "map_summary.json", summary)
     return summary
+
+
+def robust_summary(robust) -> dict:
+    """JSON-ready record of :class:`tfhybrid.lens.robust.RobustIntervals`."""
+    return dict(block_size=robust.block_size,
+                sd={k: np.asarray(v).tolist() for k, v in robust.sd.items()},
+                laplace_sd={k: np.asarray(v).tolist() for k, v in robust.laplace_sd.items()},
+                inflation={k: np.asarray(v).tolist() for k, v in robust.inflation().items()})
 
 
 def samples_to_arviz(samples: LensSamples):
@@ -268,7 +284,8 @@ def run_demo(out_dir, seed: int = 0, map_steps: int = DEFAULT_MAP_STEPS, num_res
     (``coarse_starts``), multi-start Adam MAP at full resolution, ``newton_iter`` Newton
     steps and whitened L-BFGS (:func:`tfhybrid.lens.fit.newton_polish`), with a
     ``source_residual`` × ``source_residual`` source-plane residual integrated out after it
-    (0: none; :func:`tfhybrid.lens.fit.polish_with_source_residual`), then
+    (0: none; :func:`tfhybrid.lens.fit.polish_with_source_residual`), the model-robust
+    (sandwich) intervals at the MAP (:mod:`tfhybrid.lens.robust`), then
     ``num_burnin`` adaptation steps and ``num_results`` HMC draws from the MAP. Writes the mock
     FITS, the MAP and posterior outputs and ``demo_summary.json``; returns the summary.
     """
@@ -287,7 +304,8 @@ def run_demo(out_dir, seed: int = 0, map_steps: int = DEFAULT_MAP_STEPS, num_res
                   progress=progress, coarse_starts=coarse_starts, newton_iter=newton_iter,
                   source_residual=residual)
     label = f"high S/N (σ={mocks.noise_sigma['high']:g}, S/N={mocks.snr['high'][0]:.0f})"
-    map_summary = write_fit_outputs(out, posterior, fit, mocks, labels=[label])
+    robust = sandwich_intervals(posterior, fit.state())
+    map_summary = write_fit_outputs(out, posterior, fit, mocks, labels=[label], robust=robust)
     samples = sample_lens_posterior(posterior, fit, num_results=num_results,
                                     num_burnin=num_burnin, seed=seed, progress=progress,
                                     checkpoint_dir=out / "hmc_chunks")
@@ -301,6 +319,8 @@ def run_demo(out_dir, seed: int = 0, map_steps: int = DEFAULT_MAP_STEPS, num_res
              with_derived({k: fit.params[k][0] for k in PARAM_NAMES}).items()},
         posterior_mean={k: v[0] for k, v in post_summary["mean"].items()},
         posterior_std={k: v[0] for k, v in post_summary["std"].items()},
+        # the model-robust (sandwich) standard deviation at the MAP (tfhybrid.lens.robust)
+        robust_std={k: float(v[0]) for k, v in robust.sd.items()},
         snr=float(mocks.snr["high"][0]),
         chi2_per_pixel=map_summary["chi2_per_pixel"][0],
         map_wall_time_s=fit.wall_time_s,
