@@ -134,8 +134,8 @@ def sandwich_intervals(posterior: LensPosterior, state, block_size: int = DEFAUL
     ``posterior``: its observations, noise, priors and source model are used; the white
     likelihood of eq. 26 is used whatever its source residual (see the module).
     ``state``: constrained parts in :data:`tfhybrid.lens.model.STATE_NAMES` order, leading
-    axis ``S``. ``block_size``: side of the sliding windows (a divisor-free choice; at most
-    the image's side). ``eps``: the central differences' step in unconstrained coordinates.
+    axis ``S``. ``block_size``: side of the sliding windows in pixels (any size up to the
+    image's side). ``eps``: the central differences' step in unconstrained coordinates.
     ``chunk_size``: perturbations per batched forward model (memory: ``2 chunk_size S``
     images). ``overlapping=False``: disjoint blocks instead of sliding windows (``n_pix``
     must then be a multiple of ``block_size``).
@@ -171,8 +171,10 @@ def sandwich_intervals(posterior: LensPosterior, state, block_size: int = DEFAUL
     sigma = np.asarray(white.noise_sigma, np.float64).reshape(-1)
     sigma = np.broadcast_to(sigma, (s,))
     resid = (white.observed_images.astype(np.float64) - model) / sigma[:, None, None] ** 2
-    jac_flat = jac.reshape(s, n * n, d).astype(np.float64)
-    fisher = np.einsum("spi,spj->sij", jac_flat, jac_flat) / sigma[:, None, None] ** 2
+    fisher = np.empty((s, d, d))
+    for i in range(s):  # one system at a time: float64 Jacobians of all would be S × 40 MB
+        j = jac[i].reshape(n * n, d).astype(np.float64)
+        fisher[i] = j.T @ j / sigma[i] ** 2
     dvalues, prior_hess = _derived_jacobian(white, bijs, u, sizes,
                                             tf.cast(flat, tf.float32))
     hess = fisher + 0.5 * (prior_hess + np.swapaxes(prior_hess, -1, -2))
