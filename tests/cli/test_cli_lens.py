@@ -26,6 +26,11 @@ def test_mock_fit_sample_report(tmp_path, capsys):
     assert "wrote 1 mock system" in out and "high" in out
     assert "images of each source: " in out
     mock = mock_dir / "mock_000.fits"
+    # a window larger than the image is refused before the fit, and nothing is written
+    assert main(["lens", "fit", "--mock", str(mock), "--robust-block", "300",
+                 "--out", str(fit_dir)]) == 2
+    assert "must not exceed the image's side (256 pixels)" in capsys.readouterr().err
+    assert not fit_dir.exists()
     assert main(["lens", "fit", "--mock", str(mock), "--steps", "30", "--starts", "1",
                  "--coarse-starts", "3", "--coarse-steps", "20", "--newton-iter", "1",
                  "--lbfgs-iter", "5", "--source-residual", "8", "--out", str(fit_dir),
@@ -107,7 +112,7 @@ def test_bad_input_one_line_no_output(tmp_path, capsys):
     assert not (tmp_path / "f").exists()
     assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--robust-block",
                  "-3", "--out", str(tmp_path / "f")]) == 2
-    assert "--robust-block must be in [0, 256] pixels; got -3" in capsys.readouterr().err
+    assert "--robust-block must be >= 0 (pixels; 0: none); got -3" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
     assert main(["demo", "--map-steps", "0", "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()

@@ -231,13 +231,16 @@ def run_fit(args) -> int:
         if getattr(args, flag) < 0:
             name = "--" + flag.replace("_", "-")
             raise _error(f"{name} must be >= 0; got {getattr(args, flag)}")
-    if not 0 <= args.robust_block <= 256:
-        raise _error(f"--robust-block must be in [0, 256] pixels; got {args.robust_block}")
+    if args.robust_block < 0:
+        raise _error(f"--robust-block must be >= 0 (pixels; 0: none); got {args.robust_block}")
     if args.coarse_starts and args.coarse_starts < args.starts:
         raise _error(f"--coarse-starts ({args.coarse_starts}) must be 0 or >= --starts "
                      f"({args.starts})")
     options = map_pipeline_options(args)  # checks --source-residual before loading anything
     posterior, mocks, labels = _load(args)
+    if args.robust_block > posterior.config.n_pix:  # before the fit, not after it
+        raise _error(f"--robust-block ({args.robust_block}) must not exceed the image's side "
+                     f"({posterior.config.n_pix} pixels)")
     fit = fit_map(posterior, num_starts=args.starts, method=args.method, num_steps=args.steps,
                   seed=args.seed, progress=not args.no_progress, **options)
     robust = None
