@@ -158,11 +158,24 @@ def main(argv=None) -> dict:
 
     posterior = LensPosterior(mocks.observed["high"], mocks.noise_sigma["high"], vae)
     labels = [f"mock {i} (S/N={mocks.snr['high'][i]:.0f})" for i in range(args.n)]
+
+    def robust_at(fit):
+        """The MAP's model-robust (sandwich) intervals and their wall time, or None."""
+        if not args.robust_block:
+            return None, 0.0
+        from tfhybrid.lens.robust import sandwich_intervals
+
+        t_rob = time.perf_counter()
+        state = [np.asarray(fit.params[k], np.float32) for k in PARAM_NAMES] + [fit.z]
+        robust = sandwich_intervals(posterior, state, block_size=args.robust_block)
+        return robust, time.perf_counter() - t_rob
+
     if args.reuse_map:
         import json
         from types import SimpleNamespace
 
-        from tfhybrid.lens.pipeline import load_map_json, posterior_of_map
+        from tfhybrid.lens.fit import parameter_table
+        from tfhybrid.lens.pipeline import load_map_json, posterior_of_map, robust_summary
 
         saved = load_map_json(out / "map" / "map.json")
         posterior = posterior_of_map(posterior, saved)
@@ -171,10 +184,20 @@ def main(argv=None) -> dict:
         summary["map"] = json.loads((out / "study_summary.json").read_text())["map"]
         hess_path = out / "map" / "hessian.npy"
         hessian = np.load(hess_path) if hess_path.is_file() else None
+        robust, robust_s = robust_at(fit)
+        map_summary_path = out / "map" / "map_summary.json"
+        if robust is not None and map_summary_path.is_file():
+            # the saved table gains the *_robust columns (lens report pools them)
+            map_summary = json.loads(map_summary_path.read_text())
+            map_summary["table"] = parameter_table(mocks.params, fit, robust=robust)
+            map_summary["robust"] = robust_summary(robust)
+            write_json_atomic(map_summary_path, map_summary)
     else:
         fit = fit_map(posterior, num_starts=args.num_starts, num_steps=args.map_steps,
                       seed=args.seed, progress=args.progress, **map_pipeline_options(args))
-        map_summary = write_fit_outputs(out / "map", posterior, fit, mocks, labels=labels)
+        robust, robust_s = robust_at(fit)
+        map_summary = write_fit_outputs(out / "map", posterior, fit, mocks, labels=labels,
+                                        robust=robust)
         posterior = fit.posterior_of(posterior)  # with the source residual, if it was fitted
         hessian = fit.hessian
         if hessian is not None:
@@ -194,28 +217,14 @@ def main(argv=None) -> dict:
         )
     # (re)computed from the saved estimates too, so --reuse-map reports with the current code
     summary["map"]["metrics"] = _map_metrics(mocks.params, fit.params, args.tol_pct)
-    if args.robust_block:
-        import json
-
-        from tfhybrid.lens.fit import parameter_table
+    if robust is not None:
         from tfhybrid.lens.pipeline import robust_summary
-        from tfhybrid.lens.robust import sandwich_intervals
 
-        t_rob = time.perf_counter()
-        state = [np.asarray(fit.params[k], np.float32) for k in PARAM_NAMES] + [fit.z]
-        robust = sandwich_intervals(posterior, state, block_size=args.robust_block)
         flags = coverage_flags(mocks.params, robust, 0.68)
         summary["map"]["robust"] = dict(
-            robust_summary(robust), wall_time_s=time.perf_counter() - t_rob,
+            robust_summary(robust), wall_time_s=robust_s,
             covered_68={k: v.tolist() for k, v in flags.items()},
             coverage_68={k: float(np.mean(v)) for k, v in flags.items()})
-        # the table of map_summary.json gains the *_robust columns (lens report pools them)
-        map_summary_path = out / "map" / "map_summary.json"
-        if map_summary_path.is_file():
-            map_summary = json.loads(map_summary_path.read_text())
-            map_summary["table"] = parameter_table(mocks.params, fit, robust=robust)
-            map_summary["robust"] = robust_summary(robust)
-            write_json_atomic(map_summary_path, map_summary)
     for radius in ("r_ein", "theta_e"):
         summary["map"][f"frac_{radius}_and_gamma_within_tol"] = float(np.mean(
             (np.asarray(summary["map"]["metrics"][radius]["abs_error_pct"]) <= args.tol_pct)

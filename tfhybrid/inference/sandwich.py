@@ -31,7 +31,7 @@ import numpy as np
 
 from tfhybrid.validation import TfhybridInputError
 
-__all__ = ["block_scores", "sandwich_covariance"]
+__all__ = ["block_scores", "floored_inverse", "sandwich_covariance"]
 
 
 def block_scores(pixel_scores, block_size: int, overlapping: bool = True) -> np.ndarray:
@@ -77,12 +77,25 @@ def block_scores(pixel_scores, block_size: int, overlapping: bool = True) -> np.
     return g.reshape(lead + ((ny // b) * (nx // b), d))
 
 
+def floored_inverse(hessian, rel_floor: float = 1e-10) -> np.ndarray:
+    """``H⁻¹`` of symmetric ``(..., D, D)`` (symmetrised first), float64, with eigenvalues
+    below ``rel_floor`` × the largest |eigenvalue| raised to that floor: a flat or
+    negative-curvature direction gets a large but finite variance instead of a failed or
+    negative inversion. The bread of :func:`sandwich_covariance`, and the Laplace
+    covariance it is compared with."""
+    h = np.asarray(hessian, dtype=np.float64)
+    h = 0.5 * (h + np.swapaxes(h, -1, -2))
+    w, v = np.linalg.eigh(h)
+    top = np.max(np.abs(w), axis=-1, keepdims=True)
+    w = np.maximum(w, rel_floor * np.maximum(top, np.finfo(np.float64).tiny))
+    return np.einsum("...ij,...j,...kj->...ik", v, 1.0 / w, v)
+
+
 def sandwich_covariance(hessian, scores, rel_floor: float = 1e-10) -> np.ndarray:
     """``Σ = H⁻¹ (Σ_b g_b g_bᵀ) H⁻¹`` per batch member.
 
-    ``hessian``: ``(..., D, D)``, of −log p at the estimate (symmetrised here; eigenvalues
-    below ``rel_floor`` × the largest are floored, so a flat direction gets a large but
-    finite variance instead of a failed inversion). ``scores``: ``(..., B, D)``, the
+    ``hessian``: ``(..., D, D)``, of −log p at the estimate, inverted by
+    :func:`floored_inverse`. ``scores``: ``(..., B, D)``, the
     log-likelihood's gradient per block (:func:`block_scores`). Returns ``(..., D, D)``
     float64.
     """
@@ -96,11 +109,7 @@ def sandwich_covariance(hessian, scores, rel_floor: float = 1e-10) -> np.ndarray
             f"hessian {h.shape}; got {g.shape}")
     if not (np.all(np.isfinite(h)) and np.all(np.isfinite(g))):
         raise TfhybridInputError("hessian or scores contain NaN or inf")
-    h = 0.5 * (h + np.swapaxes(h, -1, -2))
-    w, v = np.linalg.eigh(h)
-    top = np.max(np.abs(w), axis=-1, keepdims=True)
-    w = np.maximum(w, rel_floor * np.maximum(top, np.finfo(np.float64).tiny))
-    h_inv = np.einsum("...ij,...j,...kj->...ik", v, 1.0 / w, v)
+    h_inv = floored_inverse(h, rel_floor)
     meat = np.einsum("...bi,...bj->...ij", g, g)
     out = h_inv @ meat @ h_inv
     return 0.5 * (out + np.swapaxes(out, -1, -2))

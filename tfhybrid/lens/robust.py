@@ -48,7 +48,7 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
-from tfhybrid.inference.sandwich import block_scores, sandwich_covariance
+from tfhybrid.inference.sandwich import block_scores, floored_inverse, sandwich_covariance
 from tfhybrid.lens.defaults import DEFAULT_ROBUST_BLOCK
 from tfhybrid.lens.fit import _flat_unconstrained, _unflatten, with_derived
 from tfhybrid.lens.model import LensPosterior
@@ -127,8 +127,7 @@ def _derived_jacobian(posterior, bijs, u, sizes, flat):
 
 
 def sandwich_intervals(posterior: LensPosterior, state, block_size: int = DEFAULT_BLOCK_SIZE,
-                       eps: float = 1e-3, chunk_size: int = 8,
-                       overlapping: bool = True) -> RobustIntervals:
+                       eps: float = 1e-3, chunk_size: int = 8) -> RobustIntervals:
     """Model-robust covariance and intervals at ``state`` (e.g. :attr:`LensMap.state`).
 
     ``posterior``: its observations, noise, priors and source model are used; the white
@@ -137,8 +136,7 @@ def sandwich_intervals(posterior: LensPosterior, state, block_size: int = DEFAUL
     axis ``S``. ``block_size``: side of the sliding windows in pixels (any size up to the
     image's side). ``eps``: the central differences' step in unconstrained coordinates.
     ``chunk_size``: perturbations per batched forward model (memory: ``2 chunk_size S``
-    images). ``overlapping=False``: disjoint blocks instead of sliding windows (``n_pix``
-    must then be a multiple of ``block_size``).
+    images).
     """
     if not isinstance(posterior, LensPosterior):
         raise TfhybridInputError(f"posterior must be a LensPosterior; got {type(posterior)}")
@@ -168,8 +166,7 @@ def sandwich_intervals(posterior: LensPosterior, state, block_size: int = DEFAUL
         y = flat[None] - tf.constant(step[:, None, :])
         diff = (images(x) - images(y)).numpy() / (2.0 * eps)  # (k, S, n, n)
         jac[..., start:start + len(step)] = np.moveaxis(diff, 0, -1)
-    sigma = np.asarray(white.noise_sigma, np.float64).reshape(-1)
-    sigma = np.broadcast_to(sigma, (s,))
+    sigma = white.noise_sigma.astype(np.float64)  # (S,)
     resid = (white.observed_images.astype(np.float64) - model) / sigma[:, None, None] ** 2
     fisher = np.empty((s, d, d))
     for i in range(s):  # one system at a time: float64 Jacobians of all would be S × 40 MB
@@ -178,10 +175,10 @@ def sandwich_intervals(posterior: LensPosterior, state, block_size: int = DEFAUL
     dvalues, prior_hess = _derived_jacobian(white, bijs, u, sizes,
                                             tf.cast(flat, tf.float32))
     hess = fisher + 0.5 * (prior_hess + np.swapaxes(prior_hess, -1, -2))
-    scores = np.stack([block_scores(resid[i, ..., None] * jac[i], int(block_size), overlapping)
+    scores = np.stack([block_scores(resid[i, ..., None] * jac[i], int(block_size))
                        for i in range(s)])
     cov = sandwich_covariance(hess, scores)
-    lap = _inverse(hess)
+    lap = floored_inverse(hess)
     names = list(PARAM_NAMES) + ["theta_e"]
     sd = np.sqrt(np.einsum("sni,sij,snj->sn", dvalues, cov, dvalues))
     lsd = np.sqrt(np.einsum("sni,sij,snj->sn", dvalues, lap, dvalues))
@@ -194,10 +191,3 @@ def sandwich_intervals(posterior: LensPosterior, state, block_size: int = DEFAUL
         covariance=cov, hessian=hess, block_size=int(block_size),
     )
 
-
-def _inverse(hess: np.ndarray, rel_floor: float = 1e-10) -> np.ndarray:
-    """Inverse of symmetric ``(S, D, D)`` with eigenvalues floored as in the sandwich."""
-    h = 0.5 * (hess + np.swapaxes(hess, -1, -2))
-    w, v = np.linalg.eigh(h)
-    w = np.maximum(w, rel_floor * np.max(np.abs(w), axis=-1, keepdims=True))
-    return np.einsum("sij,sj,skj->sik", v, 1.0 / w, v)
