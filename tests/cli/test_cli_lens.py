@@ -66,6 +66,14 @@ def test_mock_fit_sample_report(tmp_path, capsys):
         assert s["r_ein"].shape == (6, 1, 1) and np.all(np.isfinite(s["r_ein"]))
     for name in ("posterior.nc", "fig_posterior.png", "table.txt", "summary.json"):
         assert (fit_dir / name).is_file(), name
+    # the draws with the sandwich covariance, by default
+    assert "model-robust (sandwich, 16-pixel windows) draws" in out
+    with np.load(fit_dir / "samples_adjusted.npz") as s:
+        assert s["r_ein"].shape == (6, 1, 1) and np.all(np.isfinite(s["r_ein"]))
+    assert summary["std_adjusted"]["r_ein"][0] >= 0
+    row = next(r for r in summary["table"] if r["parameter"] == "r_ein")
+    assert row["lo68_adjusted"] <= row["hi68_adjusted"]
+    assert isinstance(row["covered_68_adjusted"], bool)
     # two runs pooled (here a copy of the same one): exact 68 % coverage, binomial test
     shutil.copytree(fit_dir, tmp_path / "fit2")
     assert main(["lens", "report", str(fit_dir), str(tmp_path / "fit2"),
@@ -73,6 +81,7 @@ def test_mock_fit_sample_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "r_ein" in out and "68 % interval covers the truth" in out and "/2 (expected" in out
     assert "r_ein and gamma both within 1 %:" in out and "/2 systems" in out
+    assert "sandwich-adjusted draws' 68 % interval: " in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["r_ein"]["n"] == 2 and 0.0 <= report["r_ein"]["coverage_68_p_value"] <= 1.0
     # a MAP-only directory: the sandwich intervals' coverage
@@ -113,6 +122,11 @@ def test_bad_input_one_line_no_output(tmp_path, capsys):
     assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--robust-block",
                  "-3", "--out", str(tmp_path / "f")]) == 2
     assert "--robust-block must be >= 0 (pixels; 0: none); got -3" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
+    assert main(["lens", "sample", "--mock", str(tmp_path / "missing.fits"), "--map",
+                 str(tmp_path / "missing.json"), "--robust-block", "-1",
+                 "--out", str(tmp_path / "f")]) == 2
+    assert "--robust-block must be >= 0 (pixels; 0: none); got -1" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
     assert main(["demo", "--map-steps", "0", "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()

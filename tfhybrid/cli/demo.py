@@ -66,7 +66,8 @@ def run(args) -> int:
     rs = s["robust_std"]
     print(f"model-robust (sandwich) sd at the MAP, for the source model's misfit: r_Ein "
           f"{rs['r_ein']:.4f}, theta_E {rs['theta_e']:.4f}, gamma {rs['gamma']:.3f}, "
-          f"q {rs['q']:.4f}")
+          f"q {rs['q']:.4f}; the HMC draws given that width (samples_adjusted.npz): sd "
+          f"r_Ein {s['adjusted_std']['r_ein']:.4f}, gamma {s['adjusted_std']['gamma']:.3f}")
     if gap > 0:
         print("note: the chain found a higher log p than the MAP, which was a local optimum; "
               "its draws may still be moving (run longer: --num-burnin, --num-results)")

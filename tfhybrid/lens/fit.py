@@ -1077,7 +1077,8 @@ def sample_lens_posterior(
 
 def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | None = None,
                     names=("r_ein", "theta_e", "gamma", "phi", "q", "gamma1", "gamma2",
-                           "theta_lens1", "theta_lens2"), robust=None) -> list[dict]:
+                           "theta_lens1", "theta_lens2"), robust=None,
+                    adjusted: LensSamples | None = None) -> list[dict]:
     """Rows (one per system and parameter): true, MAP, posterior mean ± std, per cent errors.
 
     ``names`` may include the derived ``theta_e`` (:func:`with_derived`).
@@ -1087,13 +1088,18 @@ def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | Non
     φ, "true" is the equivalent value φ_true + kπ nearest the estimate
     (:func:`equivalent_truth`). ``robust``: a :class:`tfhybrid.lens.robust.RobustIntervals`
     at the MAP adds ``sd_robust``, ``lo68_robust``, ``hi68_robust`` and ``covered_68_robust``
-    (the model-robust sandwich interval).
+    (the model-robust sandwich interval). ``adjusted``: the draws of
+    :func:`tfhybrid.lens.robust.sandwich_adjusted_samples` add ``std_adjusted``,
+    ``lo68_adjusted``, ``hi68_adjusted`` and ``covered_68_adjusted``.
     """
     rows = []
     mean = samples.mean() if samples is not None else None
     std = samples.std() if samples is not None else None
     intervals = samples.interval(0.68) if samples is not None else None
     robust_bounds = robust.interval(0.68) if robust is not None else None
+    adj_bounds = adjusted.interval(0.68) if adjusted is not None else None
+    adj_std = adjusted.std() if adjusted is not None else None
+    adj_mean = adjusted.mean() if adjusted is not None else None
     n = len(fit.log_prob)
     fit_params = with_derived(fit.params)
     truth = None if truth is None else with_derived(truth)
@@ -1124,6 +1130,14 @@ def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | Non
                     t = float(equivalent_truth(name, np.asarray(truth[name])[i],
                                                row["map"]))
                     row["covered_68_robust"] = bool(lo <= t <= hi)
+            if adj_bounds is not None and name in adj_bounds:
+                lo, hi = (float(np.asarray(v)[i]) for v in adj_bounds[name])
+                row["std_adjusted"] = float(adj_std[name][i])
+                row["lo68_adjusted"], row["hi68_adjusted"] = lo, hi
+                if truth is not None:
+                    t = float(equivalent_truth(name, np.asarray(truth[name])[i],
+                                               adj_mean[name][i]))  # as coverage_flags
+                    row["covered_68_adjusted"] = bool(lo <= t <= hi)
             rows.append(row)
     return rows
 

@@ -8,7 +8,9 @@ system, log posterior, optimiser message, wall time), ``map_model.fits`` (model 
 MAP sources), ``fig_map.png`` (Fig. 6/7 layout), ``fig_loss.png``.
 Outputs of :func:`write_sample_outputs`: ``samples.npz`` (draws of every parameter),
 ``posterior.nc`` (ArviZ InferenceData), ``fig_posterior.png`` (Fig. 8/9 layout),
-``table.txt`` (true / MAP / mean ± std / per cent error) and ``summary.json``.
+``table.txt`` (true / MAP / mean ± std / per cent error) and ``summary.json``; with
+sandwich-adjusted draws (:func:`tfhybrid.lens.robust.sandwich_adjusted_samples`), also
+``samples_adjusted.npz``, and their intervals in the table and the summary.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from tfhybrid.lens.fit import (
 )
 from tfhybrid.lens.mocks import MockSystems, make_mocks, write_mock_fits
 from tfhybrid.lens.model import LensPosterior
-from tfhybrid.lens.robust import sandwich_intervals
+from tfhybrid.lens.robust import sandwich_adjusted_samples, sandwich_intervals
 from tfhybrid.physics.lensing import PARAM_NAMES, source_surface_brightness
 from tfhybrid.physics.source_residual import SourceResidualConfig
 from tfhybrid.validation import TfhybridInputError
@@ -215,8 +217,14 @@ def samples_to_arviz(samples: LensSamples):
 
 def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = None,
                          truth: Mapping | None = None, labels: Sequence[str] | None = None,
-                         posterior: LensPosterior | None = None) -> dict:
+                         posterior: LensPosterior | None = None,
+                         adjusted: LensSamples | None = None) -> dict:
     """Write the posterior outputs (see the module docstring); return the summary dict.
+
+    ``adjusted``: the draws of :func:`tfhybrid.lens.robust.sandwich_adjusted_samples`
+    (model-robust widths), written to ``samples_adjusted.npz``; the summary gains
+    ``std_adjusted`` (and ``coverage_68_adjusted`` with ``truth``), the table's rows
+    ``std_adjusted``, ``lo68_adjusted``, ``hi68_adjusted`` and ``covered_68_adjusted``.
 
     With both ``fit`` and ``posterior``, the summary has ``mode_gap`` (:meth:`LensSamples.
     mode_gap`, per system) and ``above_map_systems``: the systems whose draws reached a higher
@@ -231,6 +239,10 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
     with atomic_path(out / "samples.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, z=samples.z, **samples.params)
+    if adjusted is not None:
+        with atomic_path(out / "samples_adjusted.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **adjusted.params)
     res = samples.result
     save_netcdf(samples_to_arviz(samples), out / "posterior.nc")
     s = next(iter(samples.params.values())).shape[-1]
@@ -257,17 +269,21 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
         ess={k: v.tolist() for k, v in ess.items()},
         low_ess_systems=samples.low_ess_systems(ess=ess),
     )
+    if adjusted is not None:
+        summary["std_adjusted"] = {k: v.tolist() for k, v in adjusted.std().items()}
     if fit is not None and posterior is not None:
         gap = samples.mode_gap(posterior, fit.log_prob)
         summary["mode_gap"] = gap.tolist()
         summary["above_map_systems"] = np.flatnonzero(gap > 0).tolist()
     if fit is not None:
-        rows = parameter_table(truth, fit, samples)
+        rows = parameter_table(truth, fit, samples, adjusted=adjusted)
         summary["table"] = rows
         with atomic_path(out / "table.txt") as tmp:
             tmp.write_text(format_table(rows) + "\n")
     if truth is not None:
         summary["coverage_68"] = coverage(truth, samples, 0.68)
+        if adjusted is not None:
+            summary["coverage_68_adjusted"] = coverage(truth, adjusted, 0.68)
     write_json_atomic(out / "summary.json", summary)
     return summary
 
@@ -286,8 +302,10 @@ def run_demo(out_dir, seed: int = 0, map_steps: int = DEFAULT_MAP_STEPS, num_res
     ``source_residual`` × ``source_residual`` source-plane residual integrated out after it
     (0: none; :func:`tfhybrid.lens.fit.polish_with_source_residual`), the model-robust
     (sandwich) intervals at the MAP (:mod:`tfhybrid.lens.robust`), then
-    ``num_burnin`` adaptation steps and ``num_results`` HMC draws from the MAP. Writes the mock
-    FITS, the MAP and posterior outputs and ``demo_summary.json``; returns the summary.
+    ``num_burnin`` adaptation steps and ``num_results`` HMC draws from the MAP, and those
+    draws with the sandwich covariance (:func:`tfhybrid.lens.robust.sandwich_adjusted_samples`).
+    Writes the mock FITS, the MAP and posterior outputs and ``demo_summary.json``; returns the
+    summary.
     """
     from tfhybrid.priors.vae import load_default_vae
 
@@ -309,8 +327,10 @@ def run_demo(out_dir, seed: int = 0, map_steps: int = DEFAULT_MAP_STEPS, num_res
     samples = sample_lens_posterior(posterior, fit, num_results=num_results,
                                     num_burnin=num_burnin, seed=seed, progress=progress,
                                     checkpoint_dir=out / "hmc_chunks")
+    sampled = fit.posterior_of(posterior)
+    adjusted = sandwich_adjusted_samples(samples, robust, sampled)
     post_summary = write_sample_outputs(out, samples, fit, mocks.params, labels=[label],
-                                        posterior=fit.posterior_of(posterior))
+                                        posterior=sampled, adjusted=adjusted)
     truth = {k: float(v) for k, v in
              with_derived({k: mocks.params[k][0] for k in PARAM_NAMES}).items()}
     summary = dict(
@@ -321,6 +341,8 @@ def run_demo(out_dir, seed: int = 0, map_steps: int = DEFAULT_MAP_STEPS, num_res
         posterior_std={k: v[0] for k, v in post_summary["std"].items()},
         # the model-robust (sandwich) standard deviation at the MAP (tfhybrid.lens.robust)
         robust_std={k: float(v[0]) for k, v in robust.sd.items()},
+        # the HMC draws with the sandwich covariance (tfhybrid.lens.robust, Shaby 2014)
+        adjusted_std={k: v[0] for k, v in post_summary["std_adjusted"].items()},
         snr=float(mocks.snr["high"][0]),
         chi2_per_pixel=map_summary["chi2_per_pixel"][0],
         map_wall_time_s=fit.wall_time_s,

