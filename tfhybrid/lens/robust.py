@@ -193,7 +193,6 @@ def sandwich_intervals(posterior: LensPosterior, state, block_size: int = DEFAUL
     )
 
 
-
 def _sqrt_and_inverse_sqrt(cov: np.ndarray, rel_floor: float = 1e-12):
     """Symmetric square root of ``(..., d, d)`` covariances and of their (floored) inverse."""
     w, v = np.linalg.eigh(0.5 * (cov + np.swapaxes(cov, -1, -2)))
