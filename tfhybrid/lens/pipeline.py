@@ -10,7 +10,8 @@ Outputs of :func:`write_sample_outputs`: ``samples.npz`` (draws of every paramet
 ``posterior.nc`` (ArviZ InferenceData), ``fig_posterior.png`` (Fig. 8/9 layout),
 ``table.txt`` (true / MAP / mean ± std / per cent error) and ``summary.json``; with
 sandwich-adjusted draws (:func:`tfhybrid.lens.robust.sandwich_adjusted_samples`), also
-``samples_adjusted.npz``, and their intervals in the table and the summary.
+``samples_adjusted.npz``, their intervals in the table and the summary, and for one system
+their marginals beside the posterior's in the figure.
 """
 
 from __future__ import annotations
@@ -251,8 +252,11 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
     mean = samples.mean()
     truths = ({k: float(equivalent_truth(k, np.asarray(truth[k])[0], mean[k][0])) for k in names}
               if truth is not None and s == 1 else None)  # φ: the branch nearest the draws
-    fig = posterior_corner_figure(chains, names, truths=truths,
-                                  labels=list(labels) if labels else None,
+    fig_labels = list(labels) if labels else None
+    if adjusted is not None and s == 1:  # one system: its sandwich-adjusted draws beside
+        chains.append({k: adjusted.params[k][..., 0].ravel() for k in names})
+        fig_labels = (fig_labels or ["posterior"]) + ["sandwich-adjusted draws"]
+    fig = posterior_corner_figure(chains, names, truths=truths, labels=fig_labels,
                                   display_names=_DISPLAY)
     savefig_atomic(fig, out / "fig_posterior.png", dpi=90)
     diag = res.diagnostics
