@@ -172,15 +172,16 @@ def main(argv=None) -> dict:
 
     if args.reuse_map:
         import json
-        from types import SimpleNamespace
 
         from tfhybrid.lens.fit import parameter_table
         from tfhybrid.lens.pipeline import load_map_json, posterior_of_map, robust_summary
 
         saved = load_map_json(out / "map" / "map.json")
         posterior = posterior_of_map(posterior, saved)
-        fit = SimpleNamespace(params=saved["params"], z=saved["z"],
-                              log_prob=np.asarray(saved["log_prob"]))
+        # the saved estimate (as tfhybrid lens sample loads it), so the posterior's table and
+        # lens report DIR/posterior work for --reuse-map runs too
+        fit = LensMap(saved["params"], saved["z"], np.asarray(saved["log_prob"]),
+                      np.asarray(saved["best_start"]), None, float(saved["wall_time_s"]))
         summary["map"] = json.loads((out / "study_summary.json").read_text())["map"]
         hess_path = out / "map" / "hessian.npy"
         hessian = np.load(hess_path) if hess_path.is_file() else None
@@ -246,8 +247,7 @@ def main(argv=None) -> dict:
             from tfhybrid.lens.robust import sandwich_adjusted_samples
 
             adjusted = sandwich_adjusted_samples(samples, robust, posterior)
-        post = write_sample_outputs(out / "posterior", samples,
-                                    fit if isinstance(fit, LensMap) else None, mocks.params,
+        post = write_sample_outputs(out / "posterior", samples, fit, mocks.params,
                                     labels=labels, adjusted=adjusted)
         mean, std = samples.mean(), samples.std()
         gap = samples.mode_gap(posterior, fit.log_prob)
