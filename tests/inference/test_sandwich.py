@@ -11,10 +11,10 @@ test over 400 simulated data sets.
 
 import numpy as np
 import pytest
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from tfhybrid.inference.diagnostics import coverage_test
-from tfhybrid.inference.sandwich import block_scores, sandwich_covariance
+from tfhybrid.inference.sandwich import block_scores, open_faced_adjustment, sandwich_covariance
 from tfhybrid.validation import TfhybridInputError
 
 N = 64
@@ -93,3 +93,30 @@ def test_bad_input_is_reported():
         sandwich_covariance(np.zeros((3, 2)), np.zeros((4, 2)))
     with pytest.raises(TfhybridInputError, match="scores"):
         sandwich_covariance(np.eye(2), np.zeros((4, 3)))
+
+
+def test_open_faced_adjustment_gives_the_target_covariance_and_keeps_the_mean():
+    rng = np.random.default_rng(11)
+    n, b, d = 5000, 3, 4
+    a = rng.normal(size=(b, d, d))
+    draws = 0.1 * np.einsum("bij,nbj->nbi", a, rng.normal(size=(n, b, d))) + rng.normal(size=(b, d))
+    t = rng.normal(size=(b, d, d))
+    target = t @ np.swapaxes(t, -1, -2) + 0.1 * np.eye(d)
+    draws[:, 2] = draws[0, 2]  # the third member's chain never moved
+    out = open_faced_adjustment(draws, target)
+    np.testing.assert_allclose(out.mean(0), draws.mean(0), atol=1e-12)
+    dev = out - out.mean(0)
+    cov = np.einsum("nbi,nbj->bij", dev, dev) / (n - 1)
+    np.testing.assert_allclose(cov[:2], target[:2], rtol=1e-9, atol=1e-12)  # exact, by algebra
+    np.testing.assert_array_equal(out[:, 2], draws[:, 2])
+    # Gaussian draws stay Gaussian: each marginal is N(mean, target_ii) (KS test)
+    for i in range(d):
+        z = (out[:, 0, i] - draws[:, 0, i].mean()) / np.sqrt(target[0, i, i])
+        assert stats.kstest(z, "norm").pvalue > 1e-3
+    # the map only rescales: applied to draws with the target's covariance it is the identity
+    again = open_faced_adjustment(out[:, :2], cov[:2])
+    np.testing.assert_allclose(again, out[:, :2], atol=1e-9)
+    with pytest.raises(TfhybridInputError, match="draws must be"):
+        open_faced_adjustment(draws[0], target)
+    with pytest.raises(TfhybridInputError, match="finite"):
+        open_faced_adjustment(np.where(draws > 1e9, 0, np.nan), target)

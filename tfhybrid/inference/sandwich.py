@@ -22,6 +22,10 @@ identically distributed errors). Blocks larger than the misfit's correlation len
 numerous enough to average (the spatial analogue of a HAC estimator, Conley 1999,
 J. Econometrics 92, 1) give a consistent ``J``.
 
+Draws of a posterior can be given ``Σ`` as their covariance by an affine map per batch
+member (:func:`open_faced_adjustment`, the open-faced sandwich of Shaby 2014), which keeps
+their mean and, up to that linear map, their shape.
+
 Precision: float64 throughout (``J`` sums squares of scores that nearly cancel).
 """
 
@@ -31,7 +35,7 @@ import numpy as np
 
 from tfhybrid.validation import TfhybridInputError
 
-__all__ = ["block_scores", "floored_inverse", "sandwich_covariance"]
+__all__ = ["block_scores", "floored_inverse", "sandwich_covariance", "open_faced_adjustment"]
 
 
 def block_scores(pixel_scores, block_size: int, overlapping: bool = True) -> np.ndarray:
@@ -113,3 +117,43 @@ def sandwich_covariance(hessian, scores, rel_floor: float = 1e-10) -> np.ndarray
     meat = np.einsum("...bi,...bj->...ij", g, g)
     out = h_inv @ meat @ h_inv
     return 0.5 * (out + np.swapaxes(out, -1, -2))
+
+
+def _sqrt_and_inverse_sqrt(cov: np.ndarray, rel_floor: float = 1e-12):
+    """Symmetric square root of ``(..., d, d)`` covariances and of their (floored) inverse."""
+    w, v = np.linalg.eigh(0.5 * (cov + np.swapaxes(cov, -1, -2)))
+    w = np.maximum(w, rel_floor * np.maximum(w.max(-1, keepdims=True), 1e-300))
+    vt = np.swapaxes(v, -1, -2)
+    return (v * np.sqrt(w)[..., None, :]) @ vt, (v / np.sqrt(w)[..., None, :]) @ vt
+
+
+def open_faced_adjustment(draws, target_covariance) -> np.ndarray:
+    """Draws moved to ``ū + Σ^{1/2} C^{−1/2} (u − ū)``: the open-faced sandwich adjustment.
+
+    Shaby (2014, J. Comput. Graph. Stat. 23, 853); Ribatet, Cooley & Davison (2012) for
+    composite likelihoods. ``draws``: ``(N, B, d)``, ``N`` draws of ``B`` independent
+    posteriors in ``d`` (unconstrained) coordinates; ``target_covariance``: ``(B, d, d)``,
+    e.g. :func:`sandwich_covariance`. ``ū``, ``C``: the draws' mean and covariance per
+    batch member. Symmetric square roots, so the result does not depend on the
+    coordinates' order. The adjusted draws' mean is the draws' and their sample covariance
+    is ``Σ`` exactly; their shape is the draws' up to that linear map. A member whose
+    draws never moved in some coordinate (zero variance: a stuck chain) is returned as is.
+    Returns ``(N, B, d)`` float64.
+    """
+    u = np.asarray(draws, dtype=np.float64)
+    target = np.asarray(target_covariance, dtype=np.float64)
+    if u.ndim != 3 or target.shape != (u.shape[1], u.shape[2], u.shape[2]):
+        raise TfhybridInputError(f"draws must be (N, B, d) and target_covariance (B, d, d); got "
+                         f"{u.shape} and {target.shape}")
+    if not (np.all(np.isfinite(u)) and np.all(np.isfinite(target))):
+        raise TfhybridInputError("draws and target_covariance must be finite")
+    mean = u.mean(0)
+    dev = u - mean
+    cov = np.einsum("nbi,nbj->bij", dev, dev) / max(u.shape[0] - 1, 1)
+    root_target, _ = _sqrt_and_inverse_sqrt(target)
+    _, inv_root_cov = _sqrt_and_inverse_sqrt(cov)
+    # exact test on the draws themselves: the mean of equal numbers is not always equal to
+    # them in floating point, and C^{-1/2} would blow that rounding up
+    moved = np.all(np.ptp(u, axis=0) > 0, axis=-1)
+    omega = np.where(moved[:, None, None], root_target @ inv_root_cov, np.eye(u.shape[2]))
+    return np.where(moved[None, :, None], mean + np.einsum("bij,nbj->nbi", omega, dev), u)

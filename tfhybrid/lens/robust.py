@@ -54,7 +54,12 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
-from tfhybrid.inference.sandwich import block_scores, floored_inverse, sandwich_covariance
+from tfhybrid.inference.sandwich import (
+    block_scores,
+    floored_inverse,
+    open_faced_adjustment,
+    sandwich_covariance,
+)
 from tfhybrid.lens.defaults import DEFAULT_ROBUST_BLOCK
 from tfhybrid.lens.fit import LensSamples, _flat_unconstrained, _unflatten, with_derived
 from tfhybrid.lens.model import LensPosterior
@@ -199,20 +204,13 @@ def sandwich_intervals(posterior: LensPosterior, state, block_size: int = DEFAUL
     )
 
 
-def _sqrt_and_inverse_sqrt(cov: np.ndarray, rel_floor: float = 1e-12):
-    """Symmetric square root of ``(..., d, d)`` covariances and of their (floored) inverse."""
-    w, v = np.linalg.eigh(0.5 * (cov + np.swapaxes(cov, -1, -2)))
-    w = np.maximum(w, rel_floor * np.maximum(w.max(-1, keepdims=True), 1e-300))
-    vt = np.swapaxes(v, -1, -2)
-    return (v * np.sqrt(w)[..., None, :]) @ vt, (v / np.sqrt(w)[..., None, :]) @ vt
-
-
 def sandwich_adjusted_samples(samples: LensSamples, robust: RobustIntervals,
                               posterior: LensPosterior) -> LensSamples:
     """Posterior draws with the sandwich covariance: the open-faced sandwich adjustment.
 
     Shaby (2014, J. Comput. Graph. Stat. 23, 853), as Ribatet, Cooley & Davison (2012) for
-    composite likelihoods: each draw ``u`` of the 12 physical parameters, in the priors'
+    composite likelihoods (:func:`tfhybrid.inference.sandwich.open_faced_adjustment`): each
+    draw ``u`` of the 12 physical parameters, in the priors'
     unconstrained coordinates (:meth:`LensPosterior.bijectors`), is moved to
 
         u' = ū + Ω (u − ū),   Ω = Σ_S^{1/2} C^{−1/2},
@@ -263,14 +261,7 @@ def sandwich_adjusted_samples(samples: LensSamples, robust: RobustIntervals,
     if not np.all(np.isfinite(u)):
         raise TfhybridInputError("samples hold draws outside the priors' supports "
                                  "(non-finite in unconstrained coordinates)")
-    mean = u.mean(0)  # (S, 12)
-    dev = u - mean
-    cov = np.einsum("nsi,nsj->sij", dev, dev) / max(n - 1, 1)
-    root_s, _ = _sqrt_and_inverse_sqrt(robust.covariance[:, :k, :k])
-    _, inv_root_c = _sqrt_and_inverse_sqrt(cov)
-    moved = np.all(np.diagonal(cov, axis1=-2, axis2=-1) > 0, axis=-1)  # chains that moved
-    omega = np.where(moved[:, None, None], root_s @ inv_root_c, np.eye(k))
-    adjusted = mean + np.einsum("sij,nsj->nsi", omega, dev)
+    adjusted = open_faced_adjustment(u, robust.covariance[:, :k, :k])  # (n, S, 12)
     params = dict(samples.params)
     for i, (name, b) in enumerate(zip(PARAM_NAMES, bijs, strict=True)):
         x = adjusted[..., i]
