@@ -231,6 +231,46 @@ def test_keras_layer_matches_function_and_round_trips_config():
 
 
 
+def test_layer_xla_cluster_matches_the_plain_graph_in_value_and_gradient():
+    # The layer runs the lens equation and the source lookup as an XLA cluster of its own when
+    # called from a graph that is not compiled (jit_compile=True), and inlines them into a
+    # compiled caller (as a nested call its gradient would not compile). Both must give the
+    # plain graph's image and gradients (jit_compile=False builds no cluster): float32, so
+    # agreement to rounding: 1e-5 of the largest pixel; 1e-4 of the largest gradient, each a
+    # sum over 2 304 pixels of terms of both signs that XLA adds in another order (seen:
+    # 1.3e-5), where a wrong chain rule or a dropped term would be off by O(1).
+    import dataclasses
+
+    xla = lensing.LensingSimulator(SMALL)
+    plain = lensing.LensingSimulator(dataclasses.replace(SMALL, jit_compile=False))
+    params = {k: tf.constant(v, tf.float32) for k, v in _batch_params(2).items()}
+    sources = tf.constant(np.stack([_source(32, 0), _source(32, 1)]), tf.float32)
+    weights = tf.constant(np.random.default_rng(0).normal(size=(2, 48, 48)), tf.float32)
+
+    def value_and_grads(layer):
+        with tf.GradientTape() as tape:
+            tape.watch([sources, params])
+            image, (col, _) = layer.image_and_source_coordinates(
+                {"source": sources, **params}, (24, 24))
+            loss = tf.reduce_sum(weights * image) + 1e-3 * tf.reduce_sum(col)
+        grads = tape.gradient(loss, [sources, params])
+        return image, [grads[0]] + [grads[1][k] for k in lensing.PARAM_NAMES]
+
+    in_graph = tf.function(value_and_grads, autograph=False)
+    in_xla = tf.function(value_and_grads, jit_compile=True, autograph=False)
+    ref_image, ref_grads = value_and_grads(plain)
+    for fn in (in_graph, in_xla):
+        image, grads = fn(xla)
+        np.testing.assert_allclose(image.numpy(), ref_image.numpy(), rtol=0,
+                                   atol=1e-5 * np.abs(ref_image.numpy()).max())
+        for got, ref in zip(grads, ref_grads, strict=True):
+            np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0,
+                                       atol=1e-4 * np.abs(ref.numpy()).max())
+    # the cluster is a compiled function of its own only where the caller is not compiled
+    assert xla._lensed is not xla._lensed_core
+    assert plain._lensed == plain._lensed_core
+
+
 def test_image_and_source_coordinates_share_one_ray_trace():
     # against the two separate paths: call() for the image and traced_source_coordinates()
     # for the positions, and against the positions computed from ray_trace by hand

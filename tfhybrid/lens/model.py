@@ -44,9 +44,9 @@ from tfhybrid.physics import source_residual as residual_model
 from tfhybrid.physics.lensing import (
     PARAM_NAMES,
     LensingConfig,
-    LensingSimulator,
     mock_prior,
     noise_sigma,
+    shared_simulator,
 )
 from tfhybrid.physics.source_residual import SourceResidualConfig
 from tfhybrid.priors.vae import IMAGE_SIZE
@@ -171,7 +171,7 @@ class LensPosterior:
         self.latent_dim = int(self.vae.latent_dim)
         self._observed = tf.constant(obs, dtype)
         self._sigma = tf.constant(np.array(sigma), dtype)
-        self._simulator = LensingSimulator(self.config)
+        self._simulator = shared_simulator(self.config)
         self._source_shape = (IMAGE_SIZE, IMAGE_SIZE)  # the VAE decoder's stamp
         self._param_prior = parameter_prior(self.prior, dtype)
         self._latent_prior = self.vae.latent_prior
