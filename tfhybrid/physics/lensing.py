@@ -806,14 +806,18 @@ class LensingSimulator(keras.layers.Layer):
 
 
 def _in_xla_context() -> bool:
-    """Whether the graph being traced (or one it is nested in) is compiled by XLA."""
-    try:  # TensorFlow's internal API (there is no public one); without it: assume not
+    """Whether the graph being traced (or one it is nested in) is compiled by XLA.
+
+    TensorFlow's internal API (there is no public one). Should it go away, the answer is
+    True: the layer then inlines its cluster everywhere, the plain graph of earlier releases
+    (slower outside XLA, but never the nested call whose gradient XLA cannot compile)."""
+    try:
         from tensorflow.python.framework import ops
         from tensorflow.python.ops import control_flow_util
 
         return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
     except (ImportError, AttributeError):
-        return False
+        return True
 
 
 @functools.lru_cache(maxsize=8)
