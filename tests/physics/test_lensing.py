@@ -235,17 +235,20 @@ def test_layer_xla_cluster_matches_the_plain_graph_in_value_and_gradient():
     # The layer runs the lens equation and the source lookup as an XLA cluster of its own when
     # called from a graph that is not compiled (jit_compile=True), and inlines them into a
     # compiled caller (as a nested call its gradient would not compile). Both must give the
-    # plain graph's image and gradients (jit_compile=False builds no cluster): float32, so
-    # agreement to rounding: 1e-5 of the largest pixel; 1e-4 of the largest gradient, each a
-    # sum over 2 304 pixels of terms of both signs that XLA adds in another order (seen:
-    # 1.3e-5), where a wrong chain rule or a dropped term would be off by O(1).
+    # plain graph's image and gradients (jit_compile=False builds no cluster). In float64, so
+    # that the comparison is not limited by rounding: the gradients are sums over 2 304 pixels
+    # of terms of both signs, which float32 added in another order left 1.7e-4 apart relative
+    # to their largest value (on the CI machine); in float64 both agree to ~4e-14, so 1e-8 of
+    # the largest value holds with a wide margin, while a wrong chain rule or a dropped term
+    # would be off by O(1).
     import dataclasses
 
-    xla = lensing.LensingSimulator(SMALL)
-    plain = lensing.LensingSimulator(dataclasses.replace(SMALL, jit_compile=False))
-    params = {k: tf.constant(v, tf.float32) for k, v in _batch_params(2).items()}
-    sources = tf.constant(np.stack([_source(32, 0), _source(32, 1)]), tf.float32)
-    weights = tf.constant(np.random.default_rng(0).normal(size=(2, 48, 48)), tf.float32)
+    config = dataclasses.replace(SMALL, dtype="float64")
+    xla = lensing.LensingSimulator(config)
+    plain = lensing.LensingSimulator(dataclasses.replace(config, jit_compile=False))
+    params = {k: tf.constant(v, tf.float64) for k, v in _batch_params(2).items()}
+    sources = tf.constant(np.stack([_source(32, 0), _source(32, 1)]), tf.float64)
+    weights = tf.constant(np.random.default_rng(0).normal(size=(2, 48, 48)), tf.float64)
 
     def value_and_grads(layer):
         with tf.GradientTape() as tape:
@@ -262,10 +265,10 @@ def test_layer_xla_cluster_matches_the_plain_graph_in_value_and_gradient():
     for fn in (in_graph, in_xla):
         image, grads = fn(xla)
         np.testing.assert_allclose(image.numpy(), ref_image.numpy(), rtol=0,
-                                   atol=1e-5 * np.abs(ref_image.numpy()).max())
+                                   atol=1e-8 * np.abs(ref_image.numpy()).max())
         for got, ref in zip(grads, ref_grads, strict=True):
             np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0,
-                                       atol=1e-4 * np.abs(ref.numpy()).max())
+                                       atol=1e-8 * np.abs(ref.numpy()).max())
     # the cluster is a compiled function of its own only where the caller is not compiled
     assert xla._lensed is not xla._lensed_core
     assert plain._lensed == plain._lensed_core
