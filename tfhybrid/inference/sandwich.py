@@ -143,8 +143,8 @@ def open_faced_adjustment(draws, target_covariance) -> np.ndarray:
     u = np.asarray(draws, dtype=np.float64)
     target = np.asarray(target_covariance, dtype=np.float64)
     if u.ndim != 3 or target.shape != (u.shape[1], u.shape[2], u.shape[2]):
-        raise TfhybridInputError(f"draws must be (N, B, d) and target_covariance (B, d, d); got "
-                         f"{u.shape} and {target.shape}")
+        raise TfhybridInputError(f"draws must be (N, B, d) and target_covariance (B, d, d); "
+                                 f"got {u.shape} and {target.shape}")
     if not (np.all(np.isfinite(u)) and np.all(np.isfinite(target))):
         raise TfhybridInputError("draws and target_covariance must be finite")
     mean = u.mean(0)

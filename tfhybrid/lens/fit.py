@@ -474,10 +474,12 @@ def fit_map(
     learning_rate : Adam rate or Keras schedule (default: polynomial decay 0.03 → 3e-4).
     initial_state : state parts with leading shape ``(num_starts, S)`` (overrides num_starts).
     jit_compile : XLA-compile the full-resolution optimiser chunks (default): on a 2-core CPU
-        an Adam step of one system with 2 starts takes 2.3 ms instead of 24 ms. The coarse
-        stage always runs without XLA: its batch (``coarse_starts`` × S decodes per step) is
-        dominated by the VAE decoder's convolutions, which XLA makes slower on CPU (23 ms
-        instead of 16 ms per step for 16 starts).
+        an Adam step of one system with 2 starts takes 2.3 ms instead of 24 ms (19.5 ms since
+        the simulator compiles the lens equation on its own). The coarse stage's graph always
+        runs without XLA (the lens equation inside it still runs as the simulator's XLA
+        cluster): its batch (``coarse_starts`` × S decodes per step) is dominated by the VAE
+        decoder's convolutions, which XLA makes slower on CPU (22.5 ms instead of 17.9 ms per
+        step for 16 starts, measured with the simulator's cluster).
     coarse_starts : if > 0 (ignored with ``initial_state``), a global search first:
         ``coarse_starts`` starts per system (prior medians, then prior draws) run
         ``coarse_steps`` Adam steps on :func:`coarse_posterior` (``coarse_factor``), and the
