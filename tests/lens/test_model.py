@@ -528,11 +528,14 @@ def test_finite_difference_hessian_matches_the_analytic_one(scheme, rtol):
         return lp, tape.gradient(total, x)
 
     exact = a + 3.0 * np.stack([np.diag(v**2) for v in x0])
-    for chunk in (40, 3):  # one chunk, and uneven chunks with padding
+    # one state at a time (the default), one chunk, and uneven chunks with padding
+    for chunk in (1, 40, 3):
         hess = _hessian_at(fn, x0, 1e-3, chunk, scheme)
         np.testing.assert_allclose(hess, exact, rtol=rtol, atol=rtol * np.abs(exact).max())
     with pytest.raises(TfhybridInputError, match="scheme"):
         _hessian_at(fn, x0, 1e-3, 40, "backward")
+    with pytest.raises(TfhybridInputError, match="chunk_size"):
+        _hessian_at(fn, x0, 1e-3, 0)
 
 
 def test_whitened_lbfgs_follows_a_curved_ridge():

@@ -745,25 +745,36 @@ def _hessian_at(fn, flat, eps: float, chunk_size: int, scheme: str = "forward") 
 
     ``scheme="forward"``: the gradient at ``flat`` and at the D points ``flat + eps e_i``
     (D + 1 gradients, error O(eps) in the third derivatives); ``"central"``: at the 2D points
-    ``flat ± eps e_i`` (2D gradients, error O(eps²)). The perturbations of all systems are
-    evaluated in ``ceil(n / chunk_size)`` equal chunks of at most ``chunk_size`` (one compiled
-    graph); the result is symmetrised, float64.
+    ``flat ± eps e_i`` (2D gradients, error O(eps²)). With ``chunk_size == 1`` each
+    perturbed state is one call of ``fn`` on a ``(S, D)`` state, the shape the polish's own
+    log p and gradient use, so no graph is traced or compiled for the Hessian; with more, the
+    perturbations of all systems are evaluated in ``ceil(n / chunk_size)`` equal chunks of at
+    most ``chunk_size`` (one more compiled graph, ``(chunk, S, D)``). The result is
+    symmetrised, float64.
     """
     if scheme not in ("forward", "central"):
         raise TfhybridInputError(f"scheme must be 'forward' or 'central'; got {scheme!r}")
+    _check_counts(chunk_size=chunk_size)
+    if chunk_size < 1:
+        raise TfhybridInputError(f"chunk_size must be >= 1; got {chunk_size!r}")
     flat = tf.convert_to_tensor(flat, tf.float32)
     d = int(flat.shape[1])
     eye = tf.eye(d, dtype=flat.dtype) * eps
     rows = [tf.zeros([1, d]), eye] if scheme == "forward" else [eye, -eye]
     n = d + 1 if scheme == "forward" else 2 * d
-    n_chunks = -(-n // int(chunk_size))
-    size = -(-n // n_chunks)  # equal chunks: the padding is less than one row per chunk
-    # zero rows pad the last chunk, so that every call has one shape (one compiled graph)
-    deltas = tf.concat(rows + [tf.zeros([n_chunks * size - n, d])], 0)
-    grad = np.concatenate([
-        fn(flat[None] + deltas[i:i + size, None, :])[1].numpy().astype(np.float64)
-        for i in range(0, n_chunks * size, size)
-    ])[:n]  # (n, S, D)
+    if int(chunk_size) == 1:
+        deltas = tf.concat(rows, 0)
+        grad = np.stack([fn(flat + deltas[i][None])[1].numpy().astype(np.float64)
+                         for i in range(n)])  # (n, S, D)
+    else:
+        n_chunks = -(-n // int(chunk_size))
+        size = -(-n // n_chunks)  # equal chunks: the padding is less than one row per chunk
+        # zero rows pad the last chunk, so that every call has one shape (one compiled graph)
+        deltas = tf.concat(rows + [tf.zeros([n_chunks * size - n, d])], 0)
+        grad = np.concatenate([
+            fn(flat[None] + deltas[i:i + size, None, :])[1].numpy().astype(np.float64)
+            for i in range(0, n_chunks * size, size)
+        ])[:n]  # (n, S, D)
     if scheme == "forward":
         hess = -(grad[1:] - grad[:1]) / eps  # hess[i, s, j] = -d2 log p / du_i du_j
     else:
@@ -772,12 +783,17 @@ def _hessian_at(fn, flat, eps: float, chunk_size: int, scheme: str = "forward") 
     return 0.5 * (hess + np.transpose(hess, (0, 2, 1)))
 
 
-def _hessian_chunk(posterior: LensPosterior) -> int:
-    """Perturbations per batch of a finite-difference Hessian: 40, or with a source residual
-    (~13 floats per pixel and system more, and their gradients) at most 160 systems' worth."""
-    if posterior.source_residual is None:
-        return 40
-    return max(1, min(40, 160 // posterior.num_systems))
+#: Perturbations per call of a finite-difference Hessian (:func:`laplace_hessian`): 1, i.e.
+#: one ``(S, D)`` gradient per perturbation, through the graph the polish's log p and gradient
+#: already compiled. Batching perturbations (``(chunk, S, D)``) needs a graph of its own, whose
+#: tracing and compilation (the simulator's XLA cluster and its gradient at the new shape) cost
+#: more than the batching saves, measured on a 2-core CPU: one system, white posterior, first
+#: Hessian 7.3 s with chunks of 39 instead of 1.1 s one by one (later ones 0.56 s instead of
+#: 1.1 s; the Newton + L-BFGS polish 15.4 s instead of 11.1 s, the source-residual stage 42.5 s
+#: instead of 38.8 s); ten systems, 27.7 s instead of 5.7 s for the first Hessian and 6.0 s
+#: instead of 5.7 s for later ones. One by one also holds one state's forward models in memory
+#: instead of a chunk's.
+HESSIAN_CHUNK = 1
 
 
 def laplace_hessian(posterior: LensPosterior, state, eps: float = 1e-3,
@@ -786,9 +802,9 @@ def laplace_hessian(posterior: LensPosterior, state, eps: float = 1e-3,
 
     Finite differences of the gradient (step ``eps``) along the D = 76 unconstrained
     coordinates of each system (12 parameters, then z), forward (D + 1 gradients, the
-    default) or central (2D); the perturbed states of all systems are evaluated at most
-    ``chunk_size`` perturbations at a time (``chunk_size × S`` forward models per batch bound
-    the memory; default 40, fewer with a source residual); symmetrised, float64. Forward
+    default) or central (2D); the perturbed states of all systems are evaluated
+    ``chunk_size`` perturbations at a time (default :data:`HESSIAN_CHUNK`; a chunk
+    holds ``chunk_size × S`` forward models); symmetrised, float64. Forward
     differences cost half as much, and their difference from central ones is below the
     central differences' own spread, because the likelihood is only piecewise smooth
     (bilinear source interpolation, the decoder's ReLUs) and finite differences of it depend
@@ -799,7 +815,7 @@ def laplace_hessian(posterior: LensPosterior, state, eps: float = 1e-3,
     changes the target.
     """
     bijs, u, sizes, flat = _flat_unconstrained(posterior, state)
-    chunk_size = _hessian_chunk(posterior) if chunk_size is None else chunk_size
+    chunk_size = HESSIAN_CHUNK if chunk_size is None else chunk_size
     return _hessian_at(_log_prob_and_grad(posterior, bijs, u, sizes), flat, eps, chunk_size,
                        scheme)
 
@@ -849,8 +865,7 @@ def newton_polish(posterior: LensPosterior, state, num_iter: int = DEFAULT_NEWTO
         # at the point the returned (constrained, float32) state maps back to, which is where
         # sample_lens_posterior centres its whitening
         parts, _ = _unflatten(posterior, bijs, u, sizes, tf.constant(x, tf.float32))
-        return _hessian_at(fn, _flat_unconstrained(posterior, parts)[3], 1e-3,
-                           _hessian_chunk(posterior))
+        return _hessian_at(fn, _flat_unconstrained(posterior, parts)[3], 1e-3, HESSIAN_CHUNK)
 
     x = flat.numpy().astype(np.float64)
     lp = log_prob(x)
