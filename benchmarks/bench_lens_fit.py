@@ -5,7 +5,7 @@ Target: :class:`tfhybrid.lens.model.LensPosterior` (eq. 26) of paper-size 256 x 
 
 * **MAP pipeline** (the number to compare with the paper's 20 min): the wall time of
   :func:`tfhybrid.lens.fit.fit_map` with its defaults (:mod:`tfhybrid.lens.defaults`) on one
-  system (coarse search with source-scale jumps on the coarse grid, 3 x 500 steps, 2 x 1500
+  system (coarse search with source-scale jumps on the coarse grid, 3 x 500 steps, 2 x 1000
   full-resolution Adam steps with XLA, 3 Newton iterations, then up to 3 runs of 200
   whitened L-BFGS iterations, with forward-difference Hessians), MEASURED end to end in a
   fresh call (tracing and XLA compilation included), with the stage breakdown.

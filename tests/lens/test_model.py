@@ -375,6 +375,14 @@ def test_coarse_posterior_bins_data_and_matches_binned_model(vae, problem):
     model_c = coarse.predict(dict(zip(PARAM_NAMES, state[:-1], strict=True)), state[-1]).numpy()
     binned = problem["noiseless"][0].reshape(32, 2, 32, 2).mean(axis=(1, 3))
     assert np.max(np.abs(model_c[0] - binned)) < 0.05 * binned.max()
+    # the simulator's XLA setting is the fine posterior's unless overridden (the small batch
+    # of coarse jumps runs in the plain graph); the override changes no number
+    assert coarse.config.jit_compile == post.config.jit_compile
+    plain = coarse_posterior(post, factor=2, supersampling=2, jit_compile=False)
+    assert plain.config.jit_compile is False
+    np.testing.assert_allclose(
+        plain.predict(dict(zip(PARAM_NAMES, state[:-1], strict=True)), state[-1]).numpy(),
+        model_c, rtol=0, atol=1e-5 * binned.max())
     with pytest.raises(TfhybridInputError, match="dividing n_pix"):
         coarse_posterior(post, factor=3)
 

@@ -12,8 +12,11 @@ DEFAULT_COARSE_STARTS = 16
 DEFAULT_COARSE_STEPS = 500
 #: full-resolution starts per system (the best of the coarse search)
 DEFAULT_NUM_STARTS = 2
-#: full-resolution Adam steps
-DEFAULT_MAP_STEPS = 1500
+#: full-resolution Adam steps (the Newton + L-BFGS polish converges what they leave). 1000
+#: instead of 1 500 on the seed-1 study (10 systems batched): MAP 635 s instead of 696 s, log p
+#: -10 to +20 nats per system (-7 in all), r_Ein and γ both within 1 % in 6/10 either way,
+#: median errors r_Ein 0.54 % / 0.50 %, γ 0.35 % / 0.46 %
+DEFAULT_MAP_STEPS = 1000
 #: where the source-scale jumps run: "coarse" (on the coarse grid, competing for the
 #: full-resolution starts) or "full" (after the full-resolution optimiser, num_steps // 2 steps)
 DEFAULT_JUMP_STAGE = "coarse"

@@ -259,6 +259,15 @@ class LensSamples:
         }
 
 
+#: Forward models × optimiser steps of a coarse-grid run below which the simulator's own XLA
+#: cluster for the lens equation (:class:`tfhybrid.physics.lensing.LensingSimulator`) costs more
+#: to compile than it saves. On the 4× coarser grid of the benchmark system (2-core CPU) it
+#: saves ~0.5 ms per forward model and step and costs ~2 s of compilation per batch shape:
+#: the 16-start search of one system (8 000) keeps it (13.8 s instead of 15.0 s), its 3 source-
+#: scale jumps (1 500) run faster without it (5.5 s instead of 7.5 s).
+CLUSTER_MIN_MODEL_STEPS = 4000
+
+
 def _check_counts(**counts):
     """Raise a clear error unless every keyword is an int >= 0 (iteration counts)."""
     for name, value in counts.items():
@@ -274,14 +283,16 @@ def _default_learning_rate(num_steps: int):
 
 
 def coarse_posterior(posterior: LensPosterior, factor: int = 4,
-                     supersampling: int = 1) -> LensPosterior:
+                     supersampling: int = 1, jit_compile: bool | None = None) -> LensPosterior:
     """The same systems on a grid ``factor`` times coarser: a cheap posterior for global search.
 
     The observed images are averaged over ``factor × factor`` blocks (noise σ / factor), and the
     model is ray-traced on the coarse pixels (``supersampling`` rays per side), with the same
     PSF, prior and VAE. With ``factor = 4`` and ``supersampling = 1`` a forward model costs 1/16
     of the full one, so 16 coarse starts cost about one full start. The coarse optimum is
-    biased by the coarser sampling; it only has to land in the right basin.
+    biased by the coarser sampling; it only has to land in the right basin. ``jit_compile``
+    overrides the configuration's (whether the simulator compiles the lens equation as an
+    XLA cluster of its own; default: the fine posterior's setting).
     """
     import dataclasses
 
@@ -293,6 +304,8 @@ def coarse_posterior(posterior: LensPosterior, factor: int = 4,
     n = cfg.n_pix // factor
     coarse = dataclasses.replace(cfg, n_pix=n, pixel_scale_arcsec=cfg.pixel_scale_arcsec * factor,
                                  supersampling=int(supersampling))
+    if jit_compile is not None:
+        coarse = dataclasses.replace(coarse, jit_compile=bool(jit_compile))
     obs = posterior.observed_images
     binned = obs.reshape(obs.shape[0], n, factor, n, factor).mean(axis=(2, 4))
     return LensPosterior(binned, posterior.noise_sigma / factor, posterior.vae, coarse,
@@ -565,10 +578,14 @@ def fit_map(
         if jumps and jump_stage == "coarse":
             best_c = np.argmax(np.where(np.isfinite(lp_c), lp_c, -np.inf), axis=0)
             cols_c = np.arange(lp_c.shape[1])
+            steps_cj = coarse_steps if jump_steps is None else int(jump_steps)
+            # a small batch of jumps runs faster in the plain graph: see CLUSTER_MIN_MODEL_STEPS
+            cluster = len(scale_jumps) * lp_c.shape[1] * steps_cj >= CLUSTER_MIN_MODEL_STEPS
             res_cj = source_scale_jumps(
-                coarse, [tf.constant(p[best_c, cols_c]) for p in pool], scale_jumps,
-                num_steps=coarse_steps if jump_steps is None else int(jump_steps),
-                jit_compile=False, rtol=rtol, progress=progress,
+                coarse if cluster else coarse_posterior(posterior, coarse_factor,
+                                                        jit_compile=False),
+                [tf.constant(p[best_c, cols_c]) for p in pool], scale_jumps,
+                num_steps=steps_cj, jit_compile=False, rtol=rtol, progress=progress,
             )
             lp_c = np.concatenate([lp_c, np.asarray(res_cj.log_prob).reshape(len(scale_jumps),
                                                                            -1)])
