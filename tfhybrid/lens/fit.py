@@ -731,16 +731,17 @@ def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, log_det: bool =
     Eq. 26, plus the bijectors' log-Jacobian with ``log_det`` (the density of the unconstrained
     coordinates, which HMC samples; without it, the objective whose optimum is the MAP of the
     constrained parameters, as :func:`tfhybrid.inference.map.find_map` uses). Built once per
-    posterior and traced once per input shape (the state, a Hessian chunk), so the Newton
-    iterations reuse the graphs instead of retracing them. XLA stays off: with the batch of a
-    Hessian chunk (32 perturbations) the VAE decoder's convolutions dominate, and XLA's CPU
-    convolutions (and compilation) made a Newton polish 10x slower (123 s instead of 13 s on
-    one system). For the states alone (``(S, D)``) XLA halves a call on the benchmark system
-    (7.1 ms instead of 13.9 ms), but it made the polish test's small posterior 10x slower
-    (348 s instead of ~30 s), so it stays off there too. The lens equation and the source
-    lookup inside it still run compiled: the simulator makes them an XLA cluster of their own
-    (:class:`tfhybrid.physics.lensing.LensingSimulator`), which halves a gradient of the
-    benchmark system (13.9 ms instead of 25.6 ms; 88 ms instead of 162 ms for 10 systems).
+    posterior and traced once per input shape (the state, which the Hessians also use; a Hessian
+    chunk when ``chunk_size > 1``), so the Newton iterations reuse the graphs instead of
+    retracing them. XLA stays off: with the batch of a Hessian chunk (32 perturbations) the VAE
+    decoder's convolutions dominate, and XLA's CPU convolutions (and compilation) made a Newton
+    polish 10x slower (123 s instead of 13 s on one system). For the states alone (``(S, D)``)
+    XLA halves a call on the benchmark system (7.1 ms instead of 13.9 ms), but it made the
+    polish test's small posterior 10x slower (348 s instead of ~30 s), so it stays off there
+    too. The lens equation and the source lookup inside it still run compiled: the simulator
+    makes them an XLA cluster of their own (:class:`tfhybrid.physics.lensing.LensingSimulator`),
+    which halves a gradient of the benchmark system (13.9 ms instead of 25.6 ms; 88 ms instead
+    of 162 ms for 10 systems).
     """
 
     # no tensor-dependent Python control flow: AutoGraph has nothing to convert (and warned
