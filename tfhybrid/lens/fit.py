@@ -282,6 +282,16 @@ def _default_learning_rate(num_steps: int):
     return keras.optimizers.schedules.PolynomialDecay(0.03, max(1, int(0.9 * num_steps)), 3e-4)
 
 
+def _coarse_for(posterior: LensPosterior, factor: int, num_models: int,
+                num_steps: int) -> LensPosterior:
+    """:func:`coarse_posterior` for an optimiser run of ``num_models`` forward models per step
+    and ``num_steps`` steps: without the simulator's XLA cluster below
+    :data:`CLUSTER_MIN_MODEL_STEPS`, otherwise with the fine posterior's setting."""
+    if int(num_models) * int(num_steps) < CLUSTER_MIN_MODEL_STEPS:
+        return coarse_posterior(posterior, factor, jit_compile=False)
+    return coarse_posterior(posterior, factor)
+
+
 def coarse_posterior(posterior: LensPosterior, factor: int = 4,
                      supersampling: int = 1, jit_compile: bool | None = None) -> LensPosterior:
     """The same systems on a grid ``factor`` times coarser: a cheap posterior for global search.
@@ -486,13 +496,14 @@ def fit_map(
     num_steps : Adam steps or L-BFGS iterations.
     learning_rate : Adam rate or Keras schedule (default: polynomial decay 0.03 → 3e-4).
     initial_state : state parts with leading shape ``(num_starts, S)`` (overrides num_starts).
-    jit_compile : XLA-compile the full-resolution optimiser chunks (default): on a 2-core CPU
-        an Adam step of one system with 2 starts takes 2.3 ms instead of 24 ms (19.5 ms since
-        the simulator compiles the lens equation on its own). The coarse stage's graph always
-        runs without XLA (the lens equation inside it still runs as the simulator's XLA
-        cluster): its batch (``coarse_starts`` × S decodes per step) is dominated by the VAE
-        decoder's convolutions, which XLA makes slower on CPU (22.5 ms instead of 17.9 ms per
-        step for 16 starts, measured with the simulator's cluster).
+    jit_compile : XLA-compile the full-resolution optimiser chunks (default): on a 2-core CPU an
+        Adam step of one system with 2 starts takes 9.7 ms instead of 18.1 ms (benchmark,
+        2026-11-25). The coarse stage's graph always runs without XLA (the lens equation inside
+        it runs as the simulator's XLA cluster, unless the run is smaller than
+        :data:`CLUSTER_MIN_MODEL_STEPS`, as the source-scale jumps of one system are): its batch
+        (``coarse_starts`` × S decodes per step) is dominated by the VAE decoder's convolutions,
+        which XLA makes slower on CPU (22.5 ms instead of 17.9 ms per step for 16 starts,
+        measured with the simulator's cluster).
     coarse_starts : if > 0 (ignored with ``initial_state``), a global search first:
         ``coarse_starts`` starts per system (prior medians, then prior draws) run
         ``coarse_steps`` Adam steps on :func:`coarse_posterior` (``coarse_factor``), and the
@@ -566,7 +577,8 @@ def fit_map(
             raise TfhybridInputError(
                 f"coarse_starts ({coarse_starts}) must be >= num_starts ({num_starts})"
             )
-        coarse = coarse_posterior(posterior, coarse_factor)
+        coarse = _coarse_for(posterior, coarse_factor, coarse_starts * posterior.num_systems,
+                             coarse_steps)
         res_c = find_map(
             coarse.target_log_prob, list(coarse.initial_states(coarse_starts, seed)),
             bijectors=coarse.bijectors(), method="adam", num_steps=coarse_steps,
@@ -579,11 +591,9 @@ def fit_map(
             best_c = np.argmax(np.where(np.isfinite(lp_c), lp_c, -np.inf), axis=0)
             cols_c = np.arange(lp_c.shape[1])
             steps_cj = coarse_steps if jump_steps is None else int(jump_steps)
-            # a small batch of jumps runs faster in the plain graph: see CLUSTER_MIN_MODEL_STEPS
-            cluster = len(scale_jumps) * lp_c.shape[1] * steps_cj >= CLUSTER_MIN_MODEL_STEPS
             res_cj = source_scale_jumps(
-                coarse if cluster else coarse_posterior(posterior, coarse_factor,
-                                                        jit_compile=False),
+                _coarse_for(posterior, coarse_factor, len(scale_jumps) * posterior.num_systems,
+                            steps_cj),
                 [tf.constant(p[best_c, cols_c]) for p in pool], scale_jumps,
                 num_steps=steps_cj, jit_compile=False, rtol=rtol, progress=progress,
             )
@@ -772,9 +782,8 @@ def _hessian_at(fn, flat, eps: float, chunk_size: int, scheme: str = "forward") 
     """
     if scheme not in ("forward", "central"):
         raise TfhybridInputError(f"scheme must be 'forward' or 'central'; got {scheme!r}")
-    _check_counts(chunk_size=chunk_size)
-    if chunk_size < 1:
-        raise TfhybridInputError(f"chunk_size must be >= 1; got {chunk_size!r}")
+    if not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
+        raise TfhybridInputError(f"chunk_size must be an int >= 1; got {chunk_size!r}")
     flat = tf.convert_to_tensor(flat, tf.float32)
     d = int(flat.shape[1])
     eye = tf.eye(d, dtype=flat.dtype) * eps
