@@ -20,8 +20,8 @@ Target: :class:`tfhybrid.lens.model.LensPosterior` (eq. 26) of paper-size 256 x 
 * **batched systems**: per-step time of one graph holding S = 1, 8, 32 systems (1 start each,
   XLA as fit_map uses it), and the per-system cost = per-step time / S.
 * with ``--source-residual M``: the source-residual stage after the MAP
-  (:func:`tfhybrid.lens.fit.polish_with_source_residual`: σ_δ by the evidence, two polish
-  rounds), and the HMC row then samples that posterior.
+  (:func:`tfhybrid.lens.fit.polish_with_source_residual` with its defaults: σ_δ by the
+  evidence, then the polish with that residual), and the HMC row then samples that posterior.
 
 The paper's reference (Chianese et al. 2020, section 5.2-5.3, CPU): ~20 min per MAP and ~10 h
 for the HMC chain of one system. Timings on a shared machine vary with its load; the script
@@ -189,7 +189,7 @@ def main(argv=None):
                   f"incl. compile {first:.1f} s)", flush=True)
 
     if args.source_residual:
-        from tfhybrid.lens.defaults import DEFAULT_RESIDUAL_PIXEL_FACTOR
+        from tfhybrid.lens.defaults import DEFAULT_RESIDUAL_PIXEL_FACTOR, DEFAULT_RESIDUAL_ROUNDS
         from tfhybrid.lens.fit import polish_with_source_residual
         from tfhybrid.physics.source_residual import SourceResidualConfig
 
@@ -197,8 +197,9 @@ def main(argv=None):
         fit = polish_with_source_residual(
             post1, fit, SourceResidualConfig(args.source_residual, DEFAULT_RESIDUAL_PIXEL_FACTOR))
         stage = time.perf_counter() - t0
-        print(f"# source residual ({args.source_residual}^2 nodes): evidence + 2 polish rounds "
-              f"{stage:.1f} s; sigma_delta {fit.residual_sigma}", flush=True)
+        print(f"# source residual ({args.source_residual}^2 nodes): {DEFAULT_RESIDUAL_ROUNDS} "
+              f"round(s) of evidence + polish {stage:.1f} s; sigma_delta {fit.residual_sigma}",
+              flush=True)
         rows.append((f"MAP + source residual {args.source_residual}^2, 1 system", None, "",
                      map_total + stage, "measured", PAPER_MAP_S))
     burn, draws = (20, 100) if args.quick else (50, 500)

@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
             lbfgs_cycles=args.lbfgs_cycles,
             message=fit.message, best_start=np.asarray(fit.best_start).tolist(),
             chi2_per_pixel=map_summary["chi2_per_pixel"],
-            source_residual=args.source_residual,
+            source_residual=args.source_residual, residual_rounds=args.residual_rounds,
             residual_sigma=(None if fit.residual_sigma is None
                             else np.asarray(fit.residual_sigma).tolist()),
         )

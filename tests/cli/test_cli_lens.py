@@ -115,6 +115,10 @@ def test_bad_input_one_line_no_output(tmp_path, capsys):
                  "--out", str(tmp_path / "f")]) == 2
     assert "--lbfgs-cycles must be >= 0; got -2" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
+    assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--residual-rounds",
+                 "0", "--out", str(tmp_path / "f")]) == 2
+    assert "--residual-rounds must be >= 1; got 0" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
     assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--source-residual",
                  "1", "--out", str(tmp_path / "f")]) == 2
     assert "grid_size must be an integer in [2, 64]" in capsys.readouterr().err

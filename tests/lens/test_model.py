@@ -16,6 +16,7 @@ from tfhybrid.lens.fit import (
     coverage,
     fit_map,
     parameter_table,
+    polish_with_source_residual,
     sample_lens_posterior,
 )
 from tfhybrid.lens.model import STATE_NAMES, LensPosterior, LensPriorConfig, parameter_prior
@@ -261,6 +262,11 @@ def test_fit_map_with_a_source_residual_polishes_and_samples_that_posterior(vae,
     with pytest.raises(TfhybridInputError, match="newton_iter >= 1"):
         fit_map(post, initial_state=init, source_residual=RESIDUAL, newton_iter=0,
                 progress=False)
+    with pytest.raises(TfhybridInputError, match="residual_rounds must be >= 1; got 0"):
+        fit_map(post, initial_state=init, source_residual=RESIDUAL, residual_rounds=0,
+                progress=False)
+    with pytest.raises(TfhybridInputError, match="rounds and newton_iter must be >= 1"):
+        polish_with_source_residual(post, fit, RESIDUAL, rounds=0)
 
 
 def test_bijectors_keep_parameters_in_support(vae, problem):
@@ -356,6 +362,8 @@ def test_bad_input(vae, problem):
         newton_polish(post, state, lbfgs_iter=-1)
     with pytest.raises(TfhybridInputError, match="num_iter must be an int >= 0"):
         newton_polish(post, state, num_iter=2.5)
+    with pytest.raises(TfhybridInputError, match=r"start_hessian must be a finite \(1, \d+, \d+\)"):
+        newton_polish(post, state, start_hessian=np.eye(3))
 
 
 def test_coarse_posterior_bins_data_and_matches_binned_model(vae, problem):
@@ -508,6 +516,12 @@ def test_newton_polish_converges_to_the_mode(vae, problem):
     # batch shape changes the order of the float32 sums)
     np.testing.assert_allclose(laplace_hessian(post, parts, chunk_size=7), hess,
                                rtol=1e-3, atol=atol)
+    # given a start curvature (here a wrong one, 2x) and nothing to move, the polish
+    # still returns the Hessian at its point, not the one it was given
+    parts2, lp2, hess2 = newton_polish(post, parts, num_iter=0, lbfgs_iter=0,
+                                       start_hessian=2.0 * hess)
+    np.testing.assert_allclose(hess2, hess, rtol=1e-3, atol=atol)
+    np.testing.assert_allclose(lp2, lp, rtol=1e-6)
 
 
 @pytest.mark.parametrize("scheme, rtol", [("forward", 5e-4), ("central", 1e-4)])

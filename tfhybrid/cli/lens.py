@@ -22,6 +22,7 @@ from tfhybrid.lens.defaults import (
     DEFAULT_NEWTON_ITER,
     DEFAULT_NUM_STARTS,
     DEFAULT_RESIDUAL_PIXEL_FACTOR,
+    DEFAULT_RESIDUAL_ROUNDS,
     DEFAULT_ROBUST_BLOCK,
     DEFAULT_SOURCE_RESIDUAL_GRID,
 )
@@ -56,6 +57,9 @@ def add_map_pipeline_options(p: argparse.ArgumentParser) -> None:
                    help="after the MAP, integrate out a source-plane residual on an M x M grid "
                         "(its sigma chosen by the evidence) and polish again; sampling then uses "
                         "that posterior (0: the paper's white likelihood; default %(default)s)")
+    p.add_argument("--residual-rounds", type=int, default=DEFAULT_RESIDUAL_ROUNDS,
+                   help="rounds of (sigma by the evidence, polish) with the residual; later "
+                        "ones re-choose sigma where the last moved the lens (L-BFGS only)")
     p.add_argument("--residual-pixel-factor", type=float,
                    default=DEFAULT_RESIDUAL_PIXEL_FACTOR,
                    help="node spacing of the residual grid in source-stamp pixels")
@@ -67,6 +71,8 @@ def map_pipeline_options(args) -> dict:
     from tfhybrid.validation import TfhybridInputError
 
     residual = None
+    if args.residual_rounds < 1:
+        raise _error(f"--residual-rounds must be >= 1; got {args.residual_rounds}")
     if args.source_residual:
         try:
             residual = SourceResidualConfig(args.source_residual, args.residual_pixel_factor)
@@ -75,7 +81,8 @@ def map_pipeline_options(args) -> dict:
     return dict(coarse_starts=args.coarse_starts, coarse_steps=args.coarse_steps,
                 scale_jumps=args.scale_jumps, jump_stage=args.jump_stage,
                 newton_iter=args.newton_iter, lbfgs_iter=args.lbfgs_iter,
-                lbfgs_cycles=args.lbfgs_cycles, source_residual=residual)
+                lbfgs_cycles=args.lbfgs_cycles, source_residual=residual,
+                residual_rounds=args.residual_rounds)
 
 
 def register(subparsers) -> None:
