@@ -686,9 +686,9 @@ def polish_with_source_residual(posterior: LensPosterior, fit: LensMap,
     (:data:`tfhybrid.lens.defaults.DEFAULT_RESIDUAL_ROUNDS`) re-chooses σ_δ where the first
     polish moved the lens; as σ_δ moves little (~10 %), later rounds skip the Newton
     iterations and start L-BFGS whitened by the previous round's Hessian
-    (``newton_polish(num_iter=0, start_hessian=...)``). On the 30 study mocks that reached
-    the full second round's log p to within 1 nat in 29 systems (6 nats higher in the
-    other), r_Ein and γ both within 1 % in 17/30 either way and the same 68 % coverage
+    (``newton_polish(num_iter=0, start_hessian=...)``). On the 30 study mocks this lighter
+    round reached the full one's log p to within 1 nat in 29 systems (6 nats higher in the
+    other), with r_Ein and γ both within 1 % in 17/30 either way and the same 68 % coverage
     (±1 system), at 26–64 s instead of 72–111 s per 10 systems. Returns a :class:`LensMap`
     whose ``log_prob`` and ``hessian`` are the residual posterior's, with ``residual_sigma``
     and ``residual_gain`` (the evidence gained in the first round) and ``wall_time_s``
@@ -947,7 +947,7 @@ def newton_polish(posterior: LensPosterior, state, num_iter: int = DEFAULT_NEWTO
     if lbfgs_iter > 0:
         x, lp, hess = _lbfgs_cycles(fn, log_prob, hessian, x, lp, hess, int(lbfgs_iter),
                                     int(lbfgs_cycles), rel_floor)
-    if start_hessian is not None and hess is start_hessian:  # nothing moved: its own Hessian
+    if hess is start_hessian:  # nothing replaced the given curvature: evaluate this one's
         hess = hessian(x)
     parts, _ = _unflatten(posterior, bijs, u, sizes, tf.constant(x, tf.float32))
     return parts, lp, hess
