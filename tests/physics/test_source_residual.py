@@ -43,9 +43,16 @@ def test_bilinear_gram_equals_the_dense_products(m):
     col, row = _positions(rng, 3, 500, m)
     resid = rng.normal(size=(3, 500))
     dense = sr.bilinear_design_matrix(col, row, m)
-    gram, proj = sr.bilinear_gram(tf.constant(col), tf.constant(row), tf.constant(resid), m)
-    # float64 in, float64 sums: agreement to rounding
-    np.testing.assert_allclose(gram.numpy(), np.einsum("bpi,bpj->bij", dense, dense), atol=1e-12)
+    diagonal, lower, proj = sr.bilinear_gram(tf.constant(col), tf.constant(row),
+                                             tf.constant(resid), m)
+    assert diagonal.shape == (3, m, m, m) and lower.shape == (3, m - 1, m, m)
+    expected = np.einsum("bpi,bpj->bij", dense, dense)
+    # BᵀB is block tridiagonal in grid rows: the blocks hold all of it (float64 in, float64
+    # sums: agreement to rounding)
+    np.testing.assert_allclose(sr.dense_gram(diagonal, lower), expected, atol=1e-12)
+    by_rows = expected.reshape(3, m, m, m, m).transpose(0, 1, 3, 2, 4)  # (b, row a, row b, ..)
+    far = np.abs(np.subtract.outer(np.arange(m), np.arange(m))) > 1
+    assert np.all(by_rows[:, far] == 0) and np.abs(by_rows[:, ~far]).sum() > 0
     np.testing.assert_allclose(proj.numpy(), np.einsum("bpi,bp->bi", dense, resid), atol=1e-12)
 
 
@@ -55,8 +62,8 @@ def test_marginal_correction_equals_the_dense_gaussian():
     col, row = _positions(rng, 2, num_pix, m)
     resid = rng.normal(size=(2, num_pix)) * 0.1
     sigma, sigma_res = np.array([0.05, 0.1]), np.array([0.2, 0.03])
-    gram, proj = sr.bilinear_gram(tf.constant(col), tf.constant(row), tf.constant(resid), m)
-    got = sr.marginal_log_likelihood_correction(gram, proj, tf.constant(sigma),
+    gram = sr.bilinear_gram(tf.constant(col), tf.constant(row), tf.constant(resid), m)
+    got = sr.marginal_log_likelihood_correction(*gram, tf.constant(sigma),
                                                 tf.constant(sigma_res)).numpy()
     dense = sr.bilinear_design_matrix(col, row, m)
     for i in range(2):
@@ -67,7 +74,7 @@ def test_marginal_correction_equals_the_dense_gaussian():
         # float64 throughout: the two routes agree to rounding of a ~1e3 log density
         np.testing.assert_allclose(got[i], full - white, rtol=1e-9, atol=1e-9)
     # no residual amplitude, no correction; a residual with no pixels on the grid costs nothing
-    zero = sr.marginal_log_likelihood_correction(gram, proj, tf.constant(sigma),
+    zero = sr.marginal_log_likelihood_correction(*gram, tf.constant(sigma),
                                                  tf.constant([1e-12, 1e-12], tf.float64)).numpy()
     np.testing.assert_allclose(zero, 0.0, atol=1e-12)
 
@@ -80,9 +87,9 @@ def test_marginal_correction_in_float32_and_its_gradient():
 
     def delta(shift, dtype):
         c = tf.constant(col + shift, dtype)
-        gram, proj = sr.bilinear_gram(c, tf.constant(row, dtype), tf.constant(resid, dtype), m)
+        gram = sr.bilinear_gram(c, tf.constant(row, dtype), tf.constant(resid, dtype), m)
         return sr.marginal_log_likelihood_correction(
-            gram, proj, tf.constant([0.03], dtype), tf.constant([0.01], dtype))[0]
+            *gram, tf.constant([0.03], dtype), tf.constant([0.01], dtype))[0]
 
     d64 = float(delta(0.0, tf.float64))
     # float32 (the default): A's eigenvalues are >= 1, so the Cholesky is well conditioned
@@ -104,17 +111,16 @@ def test_marginal_correction_gradient_in_every_input_matches_finite_differences(
     rng = np.random.default_rng(11)
     m, num_pix = 5, 800
     col, row = _positions(rng, 2, num_pix, m)
-    gram, proj = sr.bilinear_gram(tf.constant(col), tf.constant(row),
-                                  tf.constant(rng.normal(size=(2, num_pix)) * 0.05), m)
-    inputs = [gram, proj, tf.constant([0.03, 0.02], tf.float64),
-              tf.constant([0.01, 0.05], tf.float64)]
+    gram = sr.bilinear_gram(tf.constant(col), tf.constant(row),
+                            tf.constant(rng.normal(size=(2, num_pix)) * 0.05), m)
+    inputs = [*gram, tf.constant([0.03, 0.02], tf.float64), tf.constant([0.01, 0.05], tf.float64)]
     with tf.GradientTape() as tape:
         tape.watch(inputs)
         total = tf.reduce_sum(sr.marginal_log_likelihood_correction(*inputs) * [1.0, -0.7])
     grads = tape.gradient(total, inputs)
     for i, x in enumerate(inputs):
         direction = rng.normal(size=x.shape)
-        if i == 0:  # a symmetric perturbation keeps A symmetric (it is only ever symmetric)
+        if i == 0:  # symmetric perturbations keep the diagonal blocks symmetric, as they are
             direction = direction + np.swapaxes(direction, -1, -2)
         eps = 1e-6 * float(tf.reduce_max(tf.abs(x)))
 

@@ -24,7 +24,7 @@ DEFAULT_JUMP_STAGE = "coarse"
 DEFAULT_NEWTON_ITER = 3
 #: whitened L-BFGS iterations per polish run
 DEFAULT_LBFGS_ITER = 200
-#: at most this many re-whitened L-BFGS runs (until no system gains 1 nat)
+#: at most this many re-whitened L-BFGS runs (until a run gains < 1 nat in every system)
 DEFAULT_LBFGS_CYCLES = 3
 #: side of the source-plane residual grid integrated out after the MAP by ``tfhybrid lens fit``
 #: and the study (0: the paper's white likelihood; see tfhybrid.physics.source_residual). On

@@ -11,6 +11,7 @@ comparisons (true vs MAP vs posterior mean ± std, per cent errors, interval cov
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import keras
@@ -440,10 +441,10 @@ def residual_sigma_by_evidence(posterior: LensPosterior, state,
     base = white.log_likelihood(params, state[-1]).numpy().astype(np.float64)
     # BᵀB and Bᵀr do not depend on σ_δ: computed once, then only the M × M factorisation
     with_res = white.with_source_residual(source_residual, float(grid[0]))
-    gram, projected = with_res.residual_gram(params, with_res.predict(params, state[-1]))
+    gram = with_res.residual_gram(params, with_res.predict(params, state[-1]))
     lead = tf.constant([posterior.num_systems])
     loglik = base + np.stack([
-        with_res.residual_correction(gram, projected, tf.fill([posterior.num_systems], sd),
+        with_res.residual_correction(gram, tf.fill([posterior.num_systems], sd),
                                      lead).numpy().astype(np.float64)
         for sd in grid
     ])  # (K, S)
@@ -534,7 +535,7 @@ def fit_map(
         the last Hessian is kept in :attr:`LensMap.hessian`.
     lbfgs_iter : the polish's whitened L-BFGS iterations per run (0: Newton only).
     lbfgs_cycles : at most this many L-BFGS runs, each re-whitened where the last stopped,
-        until no system gains 1 nat (:func:`newton_polish`).
+        until a run gains less than 1 nat in every system (:func:`newton_polish`).
     source_residual : SourceResidualConfig, optional
         After the white-likelihood MAP, ``residual_rounds`` rounds (default
         :data:`tfhybrid.lens.defaults.DEFAULT_RESIDUAL_ROUNDS`) of: σ_δ per system by the
@@ -705,11 +706,14 @@ def polish_with_source_residual(posterior: LensPosterior, fit: LensMap,
         raise TfhybridInputError(
             f"rounds and newton_iter must be >= 1; got {rounds!r} and {newton_iter!r}")
     t1 = time.perf_counter()
-    first_gain = None
+    first_gain, post_r = None, None
     for k in range(int(rounds)):
         sigma, gain = residual_sigma_by_evidence(posterior, fit.state(), source_residual)
         first_gain = gain if first_gain is None else first_gain
-        post_r = posterior.with_source_residual(source_residual, sigma)
+        if post_r is None:
+            post_r = posterior.with_source_residual(source_residual, sigma)
+        else:  # in place: the polish's graph, traced in the first round, is reused
+            post_r._assign_residual_sigma(sigma)
         # later rounds: σ_δ moved little, the last round's Hessian still whitens L-BFGS
         later = dict(num_iter=0, start_hessian=fit.hessian) if k > 0 else dict(
             num_iter=newton_iter)
@@ -768,6 +772,13 @@ def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, log_det: bool =
     of 162 ms for 10 systems).
     """
 
+    # one function per posterior, sign convention and state shape: a posterior polished again
+    # (the source-residual rounds, which re-choose σ_δ in place) reuses its graph
+    cache = vars(posterior).setdefault("_value_and_gradient_fns", {})
+    key = (bool(log_det), tuple(sizes), tuple(tuple(x.shape.as_list()) for x in u))
+    if key in cache:
+        return cache[key]
+
     # no tensor-dependent Python control flow: AutoGraph has nothing to convert (and warned
     # that it could not read this closure's source)
     @tf.function(autograph=False)
@@ -779,6 +790,7 @@ def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, log_det: bool =
             total = tf.reduce_sum(lp)
         return lp, tape.gradient(total, x)
 
+    cache[key] = fn
     return fn
 
 
@@ -789,7 +801,8 @@ def _hessian_at(fn, flat, eps: float, chunk_size: int, scheme: str = "forward") 
     (D + 1 gradients, error O(eps) in the third derivatives); ``"central"``: at the 2D points
     ``flat ± eps e_i`` (2D gradients, error O(eps²)). With ``chunk_size == 1`` each
     perturbed state is one call of ``fn`` on a ``(S, D)`` state, the shape the polish's own
-    log p and gradient use, so no graph is traced or compiled for the Hessian; with more, the
+    log p and gradient use, so no graph is traced or compiled for the Hessian
+    (:data:`HESSIAN_THREADS` calls in flight at once); with more, the
     perturbations of all systems are evaluated in ``ceil(n / chunk_size)`` equal chunks of at
     most ``chunk_size`` (one more compiled graph, ``(chunk, S, D)``). The result is
     symmetrised, float64.
@@ -805,8 +818,13 @@ def _hessian_at(fn, flat, eps: float, chunk_size: int, scheme: str = "forward") 
     n = d + 1 if scheme == "forward" else 2 * d
     if int(chunk_size) == 1:
         deltas = tf.concat(rows, 0)
-        grad = np.stack([fn(flat + deltas[i][None])[1].numpy().astype(np.float64)
-                         for i in range(n)])  # (n, S, D)
+
+        def gradient_at(i):
+            return fn(flat + deltas[i][None])[1].numpy().astype(np.float64)
+
+        # the calls are independent: HESSIAN_THREADS of them in flight at once
+        with ThreadPoolExecutor(HESSIAN_THREADS) as pool:
+            grad = np.stack(list(pool.map(gradient_at, range(n))))  # (n, S, D)
     else:
         n_chunks = -(-n // int(chunk_size))
         size = -(-n // n_chunks)  # equal chunks: the padding is less than one row per chunk
@@ -835,6 +853,13 @@ def _hessian_at(fn, flat, eps: float, chunk_size: int, scheme: str = "forward") 
 #: instead of 5.7 s for later ones. One by one also holds one state's forward models in memory
 #: instead of a chunk's.
 HESSIAN_CHUNK = 1
+
+#: Gradient calls of a finite-difference Hessian in flight at once (from Python threads; each
+#: call is independent, so the result is bit-identical to one at a time). One call leaves a
+#: 2-core CPU partly idle (small ops, the source residual's Cholesky): a Hessian of the
+#: benchmark system took 0.82 s instead of 1.28 s with 2 threads (white posterior) and 1.63 s
+#: instead of 2.28 s (with the 24² source residual), 1.51 s with 3 (measured 2026-11-25).
+HESSIAN_THREADS = 2
 
 
 def laplace_hessian(posterior: LensPosterior, state, eps: float = 1e-3,
@@ -886,7 +911,9 @@ def newton_polish(posterior: LensPosterior, state, num_iter: int = DEFAULT_NEWTO
     raise log p. One L-BFGS run can stop short on a long ridge (HMC from that polished MAP
     still climbed up to 43 nats above it in 3 of 10 study systems; a second polish gained 39
     and 76 nats in two of them, a third under 4): up to ``lbfgs_cycles`` runs are made, each
-    whitened by the Hessian where the last one stopped, until no system gains 1 nat.
+    whitened by the Hessian where the last one stopped, until a run gains less than 1 nat in
+    every system; that last run's point is not taken (it is within 1 nat), so the Hessian in
+    hand is the returned point's and none is evaluated for it.
     ``start_hessian``: an ``(S, D, D)`` curvature of −log p at ``state`` in these coordinates
     to start from instead of evaluating it (e.g. the previous polish's Hessian, under a
     slightly different likelihood): it sets the first Newton step, or with ``num_iter=0`` the
@@ -956,8 +983,9 @@ def newton_polish(posterior: LensPosterior, state, num_iter: int = DEFAULT_NEWTO
 def _lbfgs_cycles(fn, log_prob, hessian, x, lp, hess, max_iterations: int, max_cycles: int,
                   rel_floor: float, min_gain: float = 1.0):
     """Up to ``max_cycles`` runs of :func:`_whitened_lbfgs`, each whitened by the Hessian at the
-    point the last one reached, until no system gains ``min_gain`` nats. A system keeps its
-    point where a run does not raise its log p. ``x`` ``(S, D)``, ``lp`` ``(S,)`` and ``hess``
+    point the last one reached, until a run gains less than ``min_gain`` nats in every system
+    (that run's point is then not taken). A system keeps its point where a run does not raise
+    its log p. ``x`` ``(S, D)``, ``lp`` ``(S,)`` and ``hess``
     ``(S, D, D)`` at ``x``; ``log_prob(x)`` and ``hessian(x)`` evaluate them. Returns the three
     at the final point."""
     run = _lbfgs_runner(fn, max_iterations)  # traced once, reused by every cycle
@@ -965,14 +993,13 @@ def _lbfgs_cycles(fn, log_prob, hessian, x, lp, hess, max_iterations: int, max_c
         x_l = _whitened_lbfgs(fn, x, laplace_whitening(hess, rel_floor), max_iterations, run)
         lp_l = log_prob(x_l)
         better = np.isfinite(lp_l) & (lp_l > lp)
-        if not better.any():
+        # a run gaining under min_gain nats in every system has converged: its point is not
+        # taken, so the Hessian already in hand is the returned point's (no new one is paid)
+        if not better.any() or np.max(lp_l[better] - lp[better]) < min_gain:
             break
-        gain = np.max(lp_l[better] - lp[better])
         x, lp = x.copy(), lp.copy()
         x[better], lp[better] = x_l[better], lp_l[better]
         hess = hessian(x)
-        if gain < min_gain:
-            break
     return x, lp, hess
 
 

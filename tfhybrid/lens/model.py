@@ -203,7 +203,10 @@ class LensPosterior:
                 raise TfhybridInputError(
                     f"residual_sigma must be finite and > 0; got {self.residual_sigma!r}"
                 )
-            self._residual_sigma = tf.constant(np.array(res), dtype)
+            # a variable, so that a polish can re-choose σ_δ without retracing its graphs
+            # (:meth:`_assign_residual_sigma`)
+            self._residual_sigma = tf.Variable(np.array(res), dtype=dtype, trainable=False,
+                                               name="residual_sigma")
         elif self.residual_sigma is not None:
             raise TfhybridInputError("residual_sigma was given without source_residual")
 
@@ -263,6 +266,19 @@ class LensPosterior:
         """σ_δ per system ``(S,)``, or None without a source residual."""
         return None if self._residual_sigma is None else self._residual_sigma.numpy()
 
+    def _assign_residual_sigma(self, residual_sigma) -> None:
+        """Set σ_δ ``(S,)`` in place: graphs already traced on this posterior (the polish's
+        value-and-gradient function) read the new value without being retraced. Private: a
+        posterior is otherwise immutable; :func:`tfhybrid.lens.fit.polish_with_source_residual`
+        uses it on a posterior of its own between its rounds."""
+        if self._residual_sigma is None:
+            raise TfhybridInputError("this posterior has no source residual")
+        res = np.broadcast_to(np.asarray(residual_sigma, dtype=np.float64), (self.num_systems,))
+        if not np.all(np.isfinite(res) & (res > 0)):
+            raise TfhybridInputError(f"residual_sigma must be finite and > 0; got {res!r}")
+        self._residual_sigma.assign(res.astype(self._residual_sigma.dtype.as_numpy_dtype))
+        self.residual_sigma = np.array(res)
+
     def with_source_residual(self, source_residual: SourceResidualConfig | None,
                              residual_sigma=None) -> LensPosterior:
         """The same observations and priors with another source residual (None: white)."""
@@ -283,12 +299,14 @@ class LensPosterior:
         white = -0.5 * tf.reduce_sum(resid * resid, axis=[-2, -1]) + const
         if not with_residual:
             return white
-        gram, projected = self.residual_gram(params, model, coordinates)
-        return white + self.residual_correction(gram, projected, self._residual_sigma,
+        gram = self.residual_gram(params, model, coordinates)
+        return white + self.residual_correction(gram, self._residual_sigma,
                                                 tf.shape(white))
 
     def residual_gram(self, params: Mapping, model, coordinates=None):
-        """``BᵀB`` and ``Bᵀ(I_obs − model)`` of the source residual, flattened over ``lead``.
+        """``(diagonal, lower, projected)``: the blocks of ``BᵀB`` and ``Bᵀ(I_obs − model)`` of
+        the source residual (:func:`tfhybrid.physics.source_residual.bilinear_gram`), flattened
+        over ``lead``.
 
         ``coordinates``: :meth:`_grid_coordinates` at ``params`` when the caller has them
         (from :meth:`_predict`'s ray trace); computed here otherwise.
@@ -300,13 +318,12 @@ class LensPosterior:
         return residual_model.bilinear_gram(flat_col, flat_row, data,
                                             self.source_residual.grid_size)
 
-    def residual_correction(self, gram, projected, residual_sigma, lead) -> tf.Tensor:
-        """The marginal's correction to the white log-likelihood at σ_δ ``(S,)``, shape ``lead``."""
+    def residual_correction(self, gram, residual_sigma, lead) -> tf.Tensor:
+        """The marginal's correction to the white log-likelihood at σ_δ ``(S,)``, shape ``lead``;
+        ``gram`` from :meth:`residual_gram`."""
         sigma = tf.reshape(tf.broadcast_to(self._sigma, lead), [-1])
         sigma_res = tf.reshape(tf.broadcast_to(tf.cast(residual_sigma, self.dtype), lead), [-1])
-        delta = residual_model.marginal_log_likelihood_correction(
-            gram, projected, sigma, sigma_res
-        )
+        delta = residual_model.marginal_log_likelihood_correction(*gram, sigma, sigma_res)
         return tf.reshape(delta, lead)
 
     def _grid_coordinates(self, params: Mapping):

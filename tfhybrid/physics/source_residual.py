@@ -37,15 +37,18 @@ identity and the matrix determinant lemma its log density is the white one plus
     Δ = ½ σ_δ² b̃ᵀ A⁻¹ b̃ − ½ log det A,   A = I_M + (σ_δ / σ)² BᵀB,   b̃ = Bᵀ (I_obs − I_pred) / σ²
 
 (:func:`marginal_log_likelihood_correction`), an ``M × M`` Cholesky factorisation instead of
-an ``n_pix² × n_pix²`` one. ``Δ ≥ −½ log det A`` pays for the extra freedom (an Occam
-factor), so the evidence has a maximum in ``σ_δ``. ``A``'s eigenvalues are all ≥ 1, and at
+an ``n_pix² × n_pix²`` one, and a cheap one: ``BᵀB`` couples only nodes of one cell, so ``A``
+is block tridiagonal (``m`` blocks of ``m × m``, one per grid row) and its Cholesky factor
+block bidiagonal. ``Δ ≥ −½ log det A`` pays for the extra freedom (an Occam factor), so the
+evidence has a maximum in ``σ_δ``. ``A``'s eigenvalues are all ≥ 1, and at
 most ``1 + (σ_δ/σ)² max(BᵀB)`` (≈ 10–100 for the evidence's σ_δ), so its factorisation is
 accurate in float32.
 
 ``BᵀB`` and ``Bᵀ r`` come from nine second moments of the bilinear weights per grid CELL
 (:func:`bilinear_gram`): every pixel touches the four nodes of one cell, and the 16 products
 of its weights are products of ``(1−f)², f(1−f), f²`` in x and y, so the image's pixels are
-summed into ``(m + 1)²`` cells first and only the cells' moments are scattered onto the nodes.
+summed into ``(m + 1)²`` cells first and only the cells' moments are scattered onto the
+nodes (onto the nonzero blocks of ``BᵀB``).
 The pixel-level work is one segment sum of 13 numbers per pixel; the memory stays
 ``O(n_pix²)`` per system, not ``O(16 n_pix²)`` index pairs.
 
@@ -66,6 +69,7 @@ __all__ = [
     "grid_coordinates",
     "bilinear_gram",
     "marginal_log_likelihood_correction",
+    "dense_gram",
     "bilinear_design_matrix",
 ]
 
@@ -123,15 +127,20 @@ def grid_coordinates(source_col, source_row, source_shape, config: SourceResidua
 
 
 def _node_scatter_indices(m: int):
-    """Static indices that put the cells' moments onto the ``M × M`` Gram matrix and ``M`` nodes.
+    """Static indices that put the cells' moments onto the Gram blocks and the ``M`` nodes.
 
-    Cell ``(i, j)``, ``i, j`` in ``0 … m``, spans nodes ``(i − 1 … i, j − 1 … j)``; a node
-    index outside ``0 … m − 1`` (the grid's border cells) goes to a discarded slot.
-    Returns the 16 Gram moment numbers and Gram indices, and the 4 node indices, per cell.
+    Cell ``(i, j)``, ``i, j`` in ``0 … m``, spans nodes ``(i − 1 … i, j − 1 … j)``. The Gram
+    matrix is stored as its ``m`` diagonal blocks (nodes of one grid row with each other:
+    slots ``r m² + c_a m + c_b``) and its ``m − 1`` blocks below the diagonal (row ``r + 1``
+    against row ``r``: slots ``m³ + r m² + c_a m + c_b``); a pair above the diagonal (its
+    transpose's duplicate) and a node outside ``0 … m − 1`` (the grid's border cells) go to a
+    discarded slot, ``m³ + (m − 1) m²``.
+    Returns the 16 Gram moment numbers and Gram slots, and the 4 node indices, per cell.
     """
     nc = m + 1
     ii, jj = np.meshgrid(np.arange(nc), np.arange(nc), indexing="ij")
     num = m * m
+    discard = m**3 + (m - 1) * m * m
     # the second moment of corners a and b: (1-f)^2 for both at offset 0, f(1-f) for mixed, f^2
     kind = {(0, 0): 0, (0, 1): 1, (1, 0): 1, (1, 1): 2}
     gram_moment, gram_index = [], []
@@ -145,14 +154,28 @@ def _node_scatter_indices(m: int):
                 for dxb in (0, 1):
                     rb, cb = ii + dyb - 1, jj + dxb - 1
                     ok = ok_a & (rb >= 0) & (rb < m) & (cb >= 0) & (cb < m)
+                    if dya == dyb:  # same grid row: its diagonal block
+                        slot = ra * num + ca * m + cb
+                    elif dya > dyb:  # row ra = rb + 1: the block below the diagonal
+                        slot = m**3 + rb * num + ca * m + cb
+                    else:  # above the diagonal: the transpose of a pair already counted
+                        ok = np.zeros_like(ok)
+                        slot = 0
                     gram_moment.append(3 * kind[(dya, dyb)] + kind[(dxa, dxb)])
-                    gram_index.append(np.where(ok, (ra * m + ca) * num + rb * m + cb, num * num))
+                    gram_index.append(np.where(ok, slot, discard))
     return (np.asarray(gram_moment), np.stack(gram_index).reshape(16, -1).astype(np.int32),
             np.stack(node_index).reshape(4, -1).astype(np.int32))
 
 
 def bilinear_gram(grid_col, grid_row, residual, grid_size: int):
-    """``BᵀB`` and ``Bᵀ r`` of the bilinear interpolation operator, from per-cell moments.
+    """``BᵀB`` (as its nonzero blocks) and ``Bᵀ r`` of the bilinear interpolation operator.
+
+    Row ``p`` of ``B`` holds pixel ``p``'s bilinear weights on the ``M = m²`` nodes (node
+    ``(i, j)`` at index ``i m + j``, row-major, rows along the source's y); positions beyond
+    the outer nodes fade to zero over one node spacing (the zero rule of eq. 17's
+    interpolation). A pixel's weights touch two adjacent grid rows, so ``BᵀB`` is block
+    tridiagonal in ``m × m`` blocks (grid row against grid row), and only those blocks are
+    formed (:func:`dense_gram` assembles the full matrix).
 
     Parameters
     ----------
@@ -165,17 +188,16 @@ def bilinear_gram(grid_col, grid_row, residual, grid_size: int):
 
     Returns
     -------
-    gram : ``(batch, M, M)``, ``BᵀB``, where row ``p`` of ``B`` holds pixel ``p``'s bilinear
-        weights on the ``M = m²`` nodes (node ``(i, j)`` at index ``i m + j``, row-major,
-        rows along the source's y); positions beyond the outer nodes fade to zero over one
-        node spacing (the zero rule of eq. 17's interpolation).
+    diagonal : ``(batch, m, m, m)``: ``diagonal[:, i]`` is the block of grid row ``i`` with
+        itself (symmetric).
+    lower : ``(batch, m − 1, m, m)``: ``lower[:, i]`` is the block of grid row ``i + 1``
+        against row ``i`` (``BᵀB[(i+1) m + a, i m + b] = lower[:, i, a, b]``); the blocks above
+        the diagonal are their transposes.
     projected : ``(batch, M)``, ``Bᵀ r``.
 
     Compiled with XLA (whatever the caller's graph): TensorFlow's CPU kernel of
     ``unsorted_segment_sum`` is slow for these sizes (8 ms for 65 536 × 13 values onto 626
-    cells, 0.4 ms with XLA), and BᵀB with its gradient for a 256² image and a 24² grid takes
-    6.7 ms instead of 24 ms (2-core CPU). The Cholesky of :func:`marginal_log_likelihood_correction`
-    stays outside: XLA makes it slower on CPU.
+    cells, 0.4 ms with XLA).
     """
     return _bilinear_gram_xla(grid_col, grid_row, residual, int(grid_size))
 
@@ -202,68 +224,176 @@ def _bilinear_gram(grid_col, grid_row, residual, grid_size: int):
     cells = tf.math.unsorted_segment_sum(tf.reshape(data, [-1, 13]), tf.reshape(seg, [-1]),
                                          batch * (nc * nc + 1))
     cells = tf.reshape(cells, [batch, nc * nc + 1, 13])[:, : nc * nc]  # (batch, cells, 13)
-
     gram_moment, gram_index, node_index = _node_scatter_indices(m)
     num = m * m
+    slots = m**3 + (m - 1) * num  # the blocks' entries; one more slot is discarded
     values = tf.gather(cells, gram_moment, axis=2)  # (batch, cells, 16)
     values = tf.transpose(values, [0, 2, 1])  # (batch, 16, cells)
-    seg = tf.constant(gram_index.reshape(-1))[None] + tf.range(batch)[:, None] * (num * num + 1)
-    gram = tf.math.unsorted_segment_sum(tf.reshape(values, [-1]), tf.reshape(seg, [-1]),
-                                        batch * (num * num + 1))
-    gram = tf.reshape(tf.reshape(gram, [batch, num * num + 1])[:, : num * num], [batch, num, num])
+    seg = tf.constant(gram_index.reshape(-1))[None] + tf.range(batch)[:, None] * (slots + 1)
+    blocks = tf.math.unsorted_segment_sum(tf.reshape(values, [-1]), tf.reshape(seg, [-1]),
+                                          batch * (slots + 1))
+    blocks = tf.reshape(blocks, [batch, slots + 1])
+    diagonal = tf.reshape(blocks[:, : m**3], [batch, m, m, m])
+    lower = tf.reshape(blocks[:, m**3:slots], [batch, m - 1, m, m])
     values = tf.transpose(cells[..., 9:], [0, 2, 1])  # (batch, 4 corners, cells)
     seg = tf.constant(node_index.reshape(-1))[None] + tf.range(batch)[:, None] * (num + 1)
     projected = tf.math.unsorted_segment_sum(tf.reshape(values, [-1]), tf.reshape(seg, [-1]),
                                              batch * (num + 1))
     projected = tf.reshape(projected, [batch, num + 1])[:, :num]
-    return tf.cast(gram, dtype), tf.cast(projected, dtype)
+    return tf.cast(diagonal, dtype), tf.cast(lower, dtype), tf.cast(projected, dtype)
 
 
 _bilinear_gram_xla = tf.function(_bilinear_gram, jit_compile=True, reduce_retracing=True)
 
 
-def marginal_log_likelihood_correction(gram, projected, sigma, sigma_residual):
+def dense_gram(diagonal, lower) -> np.ndarray:
+    """The full ``BᵀB`` ``(batch, M, M)`` (NumPy) from the blocks of :func:`bilinear_gram`."""
+    diagonal, lower = np.asarray(diagonal), np.asarray(lower)
+    batch, m = diagonal.shape[:2]
+    out = np.zeros((batch, m, m, m, m), diagonal.dtype)  # (batch, row a, col a, row b, col b)
+    for i in range(m):
+        out[:, i, :, i, :] = diagonal[:, i]
+    for i in range(m - 1):
+        out[:, i + 1, :, i, :] = lower[:, i]
+        out[:, i, :, i + 1, :] = np.swapaxes(lower[:, i], -1, -2)
+    return out.reshape(batch, m * m, m * m)
+
+
+def marginal_log_likelihood_correction(diagonal, lower, projected, sigma, sigma_residual):
     """Δ = log N(r | 0, σ² I + σ_δ² B Bᵀ) − log N(r | 0, σ² I), per system.
 
     ``Δ = ½ σ_δ² b̃ᵀ A⁻¹ b̃ − ½ log det A`` with ``A = I + (σ_δ/σ)² BᵀB`` and
     ``b̃ = Bᵀ r / σ²`` (Woodbury identity and matrix determinant lemma; see the module).
-    ``gram`` ``(batch, M, M)`` and ``projected`` ``(batch, M)`` from :func:`bilinear_gram`;
-    ``sigma`` (pixel noise) and ``sigma_residual`` (σ_δ) ``(batch,)``, > 0.
+    ``diagonal`` ``(batch, m, m, m)``, ``lower`` ``(batch, m − 1, m, m)`` (the blocks of
+    ``BᵀB``) and ``projected`` ``(batch, M)`` from :func:`bilinear_gram`; ``sigma`` (pixel
+    noise) and ``sigma_residual`` (σ_δ) ``(batch,)``, > 0.
 
-    The gradient is written out (first order only): with ``w = A⁻¹ b̃`` and
-    ``K = ∂Δ/∂A = −½ σ_δ² w wᵀ − ½ A⁻¹``, ``∂Δ/∂(BᵀB) = (σ_δ/σ)² K`` and
-    ``∂Δ/∂(Bᵀr) = σ_δ² w / σ²``; ``A⁻¹`` comes from the forward pass's Cholesky factor.
-    TensorFlow's generic Cholesky gradient took 18 ms for ``M = 576`` (float32, 2-core CPU),
-    this one 9 ms; they agree to 2e-6 (relative), and the tests check it against finite
-    differences.
+    ``A`` is block tridiagonal, so its Cholesky factor is block bidiagonal: ``m`` Cholesky
+    factorisations of ``m × m`` blocks (block ``i`` after the Schur complement of block
+    ``i − 1``), ``O(m⁴)`` instead of the dense ``O(m⁶)``. The gradient is written out (first
+    order only): with ``w = A⁻¹ b̃`` and ``K = ∂Δ/∂A = −½ σ_δ² w wᵀ − ½ A⁻¹``, only the blocks of
+    ``K`` where ``BᵀB`` has its nonzero blocks are needed, and those of ``A⁻¹`` come from the
+    factor by the block recursion of selected inversion (Takahashi et al. 1973):
+    ``Σ_{m−1} = L⁻ᵀL⁻¹`` of the last block, ``F_i = C_{i+1} L_i⁻¹``,
+    ``Σ_{i+1,i} = −Σ_{i+1} F_i``, ``Σ_i = L_i⁻ᵀL_i⁻¹ + F_iᵀ Σ_{i+1} F_i``. Then
+    ``∂Δ/∂diagonal_i = (σ_δ/σ)² K_ii`` (symmetric, as a symmetric input's gradient),
+    ``∂Δ/∂lower_i = 2 (σ_δ/σ)² K_{i+1,i}`` (the block appears twice in ``A``) and
+    ``∂Δ/∂(Bᵀr) = σ_δ² w / σ²``. On a 2-core CPU (float32, m = 24) value and gradient take
+    4.3 ms, against 8.5 ms for the dense ``M × M`` Cholesky with its inverse; the tests check
+    both against a dense float64 Gaussian and finite differences.
     """
-    return _marginal_correction(gram, projected, sigma, sigma_residual)
+    return _marginal_correction(diagonal, lower, projected, sigma, sigma_residual)
+
+
+def _rows_first(x):
+    """Swap the batch axis and the grid-row axis (the axis :func:`tf.scan` runs over)."""
+    return tf.transpose(x, [1, 0] + list(range(2, x.shape.rank)))
+
+
+def _block_cholesky(diagonal, lower, b):
+    """Block-bidiagonal Cholesky factor of ``A`` (blocks ``diagonal``, ``lower``), and ``L⁻¹ b``.
+
+    Returns ``chol`` ``(batch, m, m, m)`` (the diagonal blocks ``L_i``), ``cross``
+    ``(batch, m − 1, m, m)`` (``C_i = A_{i,i−1} L_{i−1}⁻ᵀ`` for ``i = 1 … m − 1``) and ``y``
+    ``(batch, m, m, 1)`` with ``L y = b`` (``b`` ``(batch, m, m, 1)``). One :func:`tf.scan`
+    over the grid rows (row 0 sees a zero block above it).
+    """
+    def step(previous, row):
+        chol_prev, _, y_prev = previous
+        block, below, b_row = row
+        # C_i = E_{i-1} L_{i-1}^{-T}, i.e. L_{i-1} C_i^T = E_{i-1}^T
+        c_t = tf.linalg.triangular_solve(chol_prev, tf.linalg.matrix_transpose(below),
+                                         lower=True)
+        c = tf.linalg.matrix_transpose(c_t)
+        chol = tf.linalg.cholesky(block - tf.matmul(c, c_t))
+        y = tf.linalg.triangular_solve(chol, b_row - tf.matmul(c, y_prev), lower=True)
+        return chol, c, y
+
+    eye = tf.broadcast_to(tf.eye(diagonal.shape[-1], dtype=diagonal.dtype),
+                          tf.shape(diagonal[:, 0]))
+    lower = tf.concat([tf.zeros_like(lower[:, :1]), lower], 1)
+    chol, cross, y = tf.scan(
+        step, (_rows_first(diagonal), _rows_first(lower), _rows_first(b)),
+        initializer=(eye, tf.zeros_like(eye), tf.zeros_like(b[:, 0])))
+    return _rows_first(chol), _rows_first(cross)[:, 1:], _rows_first(y)
+
+
+def _block_solve_and_selected_inverse(chol, cross, y):
+    """``w = L⁻ᵀ y`` and the blocks of ``A⁻¹`` where ``A`` has its nonzero blocks.
+
+    Returns ``w`` ``(batch, m, m, 1)``, ``inv_diagonal`` ``(batch, m, m, m)`` (``Σ_ii``) and
+    ``inv_lower`` ``(batch, m − 1, m, m)`` (``Σ_{i+1,i}``): two backward :func:`tf.scan` over
+    the grid rows (the last row sees a zero block below it).
+    """
+    eye = tf.eye(chol.shape[-1], dtype=chol.dtype)
+    cross_next = tf.concat([cross, tf.zeros_like(cross[:, :1])], 1)  # C_{i+1}; 0 for the last
+
+    def solve_step(w_next, row):
+        chol_i, c_next, y_i = row
+        return tf.linalg.triangular_solve(chol_i, y_i - tf.matmul(c_next, w_next, adjoint_a=True),
+                                          lower=True, adjoint=True)
+
+    w = tf.scan(solve_step, (_rows_first(chol), _rows_first(cross_next), _rows_first(y)),
+                initializer=tf.zeros_like(y[:, 0]), reverse=True)
+    chol_inv = tf.linalg.triangular_solve(chol, tf.broadcast_to(eye, tf.shape(chol)),
+                                          lower=True)  # L_i⁻¹, all blocks at once
+    own = tf.matmul(chol_inv, chol_inv, adjoint_a=True)  # L_i⁻ᵀ L_i⁻¹
+    f = tf.matmul(cross_next, chol_inv)  # F_i = C_{i+1} L_i⁻¹ (0 for the last row)
+
+    def inverse_step(inv_next, row):
+        own_i, f_i = row
+        return own_i + tf.matmul(f_i, tf.matmul(inv_next, f_i), adjoint_a=True)
+
+    inv_diagonal = _rows_first(tf.scan(inverse_step, (_rows_first(own), _rows_first(f)),
+                                       initializer=tf.zeros_like(own[:, 0]), reverse=True))
+    inv_lower = -tf.matmul(inv_diagonal[:, 1:], f[:, :-1])
+    return _rows_first(w), inv_diagonal, inv_lower
+
+
+# scans compiled by XLA (m = 24, 2-core CPU): factor 2.0 ms and inverse 0.8 ms, compiled in
+# 0.5 s and 1.4 s; unrolled over the rows, 3.1 and 0.8 ms compiled in 2.4 and 3.4 s, or as
+# plain graphs 2.3 and 2.4 ms (scans 2.9 and 3.3 ms)
+_block_cholesky_xla = tf.function(_block_cholesky, jit_compile=True, autograph=False)
+_block_inverse_xla = tf.function(_block_solve_and_selected_inverse, jit_compile=True,
+                                 autograph=False)
 
 
 @tf.custom_gradient
-def _marginal_correction(gram, projected, sigma, sigma_residual):
+def _marginal_correction(diagonal, lower, projected, sigma, sigma_residual):
     s2 = tf.square(sigma_residual)
     ratio2 = s2 / tf.square(sigma)
-    eye = tf.eye(tf.shape(gram)[-1], dtype=gram.dtype)
-    a = eye + ratio2[:, None, None] * gram
-    chol = tf.linalg.cholesky(a)
+    m = diagonal.shape[1]
+    eye = tf.eye(m, dtype=diagonal.dtype)
+    r4 = ratio2[:, None, None, None]
     b = projected / tf.square(sigma)[:, None]
-    y = tf.linalg.triangular_solve(chol, b[..., None], lower=True)
-    half_log_det = tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol)), -1)
-    value = 0.5 * s2 * tf.reduce_sum(tf.square(y[..., 0]), -1) - half_log_det
+    # the gradient is grad()'s: no tape may record through the compiled scans (XLA cannot
+    # return their intermediate lists to a tape)
+    chol, cross, y = _block_cholesky_xla(
+        *(tf.stop_gradient(x) for x in (eye + r4 * diagonal, r4 * lower,
+                                        tf.reshape(b, [-1, m, m, 1]))))
+    half_log_det = tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol)), [-2, -1])
+    value = 0.5 * s2 * tf.reduce_sum(tf.square(y), [-3, -2, -1]) - half_log_det
 
     def grad(upstream):
-        w = tf.linalg.triangular_solve(chol, y, lower=True, adjoint=True)[..., 0]  # A⁻¹ b̃
-        a_inv = tf.linalg.cholesky_solve(chol, tf.broadcast_to(eye, tf.shape(a)))
-        k = -0.5 * s2[:, None, None] * w[:, :, None] * w[:, None, :] - 0.5 * a_inv
-        k_gram = tf.reduce_sum(k * gram, [-2, -1])  # ∂Δ/∂(σ_δ/σ)²
+        w, inv_diagonal, inv_lower = _block_inverse_xla(
+            *(tf.stop_gradient(x) for x in (chol, cross, y)))
+        w = tf.reshape(w, [-1, m, m])  # (batch, grid row, node in row)
+        s2_4 = s2[:, None, None, None]
+        k_diagonal = -0.5 * s2_4 * w[..., :, None] * w[..., None, :] - 0.5 * inv_diagonal
+        k_lower = -0.5 * s2_4 * w[:, 1:, :, None] * w[:, :-1, None, :] - 0.5 * inv_lower
+        # ∂Δ/∂(σ_δ/σ)² = Σ K ∘ BᵀB over every block (each lower block twice)
+        k_gram = (tf.reduce_sum(k_diagonal * diagonal, [-3, -2, -1])
+                  + 2.0 * tf.reduce_sum(k_lower * lower, [-3, -2, -1]))
+        w = tf.reshape(w, [-1, m * m])
         b_w = tf.reduce_sum(b * w, -1)
         inv_s3 = 1.0 / (sigma * tf.square(sigma))
-        d_gram = (upstream * ratio2)[:, None, None] * k
+        scale = (upstream * ratio2)[:, None, None, None]
+        d_diagonal = scale * k_diagonal
+        d_lower = 2.0 * scale * k_lower
         d_projected = (upstream * s2 / tf.square(sigma))[:, None] * w
         d_sigma = upstream * (-2.0 * s2 * inv_s3) * (tf.reduce_sum(w * projected, -1) + k_gram)
         d_sigma_residual = upstream * sigma_residual * (b_w + 2.0 * k_gram / tf.square(sigma))
-        return d_gram, d_projected, d_sigma, d_sigma_residual
+        return d_diagonal, d_lower, d_projected, d_sigma, d_sigma_residual
 
     return value, grad
 
