@@ -51,7 +51,7 @@ def add_map_pipeline_options(p: argparse.ArgumentParser) -> None:
                         "whitened by the Hessian (0: none)")
     p.add_argument("--lbfgs-cycles", type=int, default=DEFAULT_LBFGS_CYCLES,
                    help="at most this many L-BFGS runs, each re-whitened where the last "
-                        "stopped, until no system gains 1 nat")
+                        "stopped, until a run gains < 1 nat in every system")
     p.add_argument("--source-residual", type=int, default=DEFAULT_SOURCE_RESIDUAL_GRID,
                    metavar="M",
                    help="after the MAP, integrate out a source-plane residual on an M x M grid "
