@@ -822,9 +822,11 @@ def _hessian_at(fn, flat, eps: float, chunk_size: int, scheme: str = "forward") 
         def gradient_at(i):
             return fn(flat + deltas[i][None])[1].numpy().astype(np.float64)
 
-        # the calls are independent: HESSIAN_THREADS of them in flight at once
+        # the calls are independent: HESSIAN_THREADS of them in flight at once, after a first
+        # one alone (which traces fn if nothing has yet)
+        first = gradient_at(0)
         with ThreadPoolExecutor(HESSIAN_THREADS) as pool:
-            grad = np.stack(list(pool.map(gradient_at, range(n))))  # (n, S, D)
+            grad = np.stack([first, *pool.map(gradient_at, range(1, n))])  # (n, S, D)
     else:
         n_chunks = -(-n // int(chunk_size))
         size = -(-n // n_chunks)  # equal chunks: the padding is less than one row per chunk
