@@ -255,12 +255,26 @@ def test_evidence_asks_for_a_residual_only_where_the_source_model_misses():
         residual_sigma_by_evidence(post, state, RESIDUAL, grid=[0.1, 0.2])
 
 
-def test_fit_map_with_a_source_residual_polishes_and_samples_that_posterior(vae, problem):
+def test_fit_map_with_a_source_residual_polishes_and_samples_that_posterior(vae, problem,
+                                                                            monkeypatch):
+    import tfhybrid.lens.fit as fit_module
+
     knotted = _knotted_observation(vae, problem, 0.4)
     post = LensPosterior(knotted, SIGMA, vae, CONFIG)
     init = post.state_from_dict(dict(TRUTH, z=problem["z"][0]), lead_shape=(1, 1))
+    calls, polish = [], fit_module.newton_polish
+
+    def spy(posterior, state, **kwargs):
+        out = polish(posterior, state, **kwargs)
+        calls.append((posterior.source_residual, kwargs.get("start_hessian"), out[2]))
+        return out
+
+    monkeypatch.setattr(fit_module, "newton_polish", spy)
     fit = fit_map(post, initial_state=init, num_steps=100, newton_iter=1, lbfgs_iter=20,
                   lbfgs_cycles=1, source_residual=RESIDUAL, residual_rounds=1, progress=False)
+    # the white polish, then the residual one, whose Newton starts from the white Hessian
+    assert [c[0] for c in calls] == [None, RESIDUAL] and calls[0][1] is None
+    assert calls[1][1] is calls[0][2] and fit.hessian is calls[1][2]
     assert fit.source_residual == RESIDUAL and fit.residual_sigma.shape == (1,)
     assert fit.residual_gain[0] > 100.0 and "source residual" in fit.message
     post_r = fit.posterior_of(post)

@@ -683,7 +683,12 @@ def polish_with_source_residual(posterior: LensPosterior, fit: LensMap,
 
     ``rounds`` times: σ_δ per system by the evidence at the current estimate
     (:func:`residual_sigma_by_evidence`), then :func:`newton_polish` (Newton + whitened L-BFGS)
-    of ``posterior.with_source_residual(source_residual, σ_δ)``. A second round
+    of ``posterior.with_source_residual(source_residual, σ_δ)``. The first Newton step uses
+    ``fit.hessian`` (the white polish's, when ``fit`` has one) instead of evaluating the
+    residual posterior's: on the 30 study mocks the stage took 438 s instead of 535 s for the
+    three sets of 10, log p within 3 nats in 26 systems (−11, +3.1, +3.7, +16 in the others),
+    r_Ein and γ both within 1 % in 17/30 either way, 68 % coverage the same or one system
+    higher. A second round
     (:data:`tfhybrid.lens.defaults.DEFAULT_RESIDUAL_ROUNDS`) re-chooses σ_δ where the first
     polish moved the lens; as σ_δ moves little (~10 %), later rounds skip the Newton
     iterations and start L-BFGS whitened by the previous round's Hessian
@@ -714,11 +719,12 @@ def polish_with_source_residual(posterior: LensPosterior, fit: LensMap,
             post_r = posterior.with_source_residual(source_residual, sigma)
         else:  # in place: the polish's graph, traced in the first round, is reused
             post_r._assign_residual_sigma(sigma)
-        # later rounds: σ_δ moved little, the last round's Hessian still whitens L-BFGS
-        later = dict(num_iter=0, start_hessian=fit.hessian) if k > 0 else dict(
-            num_iter=newton_iter)
-        parts, lp_best, hess = newton_polish(post_r, fit.state(), lbfgs_iter=lbfgs_iter,
-                                             lbfgs_cycles=lbfgs_cycles, **later)
+        # round 1: Newton from the white polish's Hessian (if the fit has one); later rounds:
+        # σ_δ moved little, the last round's Hessian still whitens L-BFGS
+        parts, lp_best, hess = newton_polish(post_r, fit.state(),
+                                             num_iter=0 if k > 0 else newton_iter,
+                                             lbfgs_iter=lbfgs_iter, lbfgs_cycles=lbfgs_cycles,
+                                             start_hessian=fit.hessian)
         fit = LensMap(
             {name: np.asarray(p, dtype=np.float64) for name, p in
              zip(PARAM_NAMES, parts[:-1], strict=True)},
