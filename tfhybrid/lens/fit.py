@@ -439,7 +439,7 @@ def residual_sigma_by_evidence(posterior: LensPosterior, state,
     white = posterior.with_source_residual(None)
     params = dict(zip(PARAM_NAMES, state[:-1], strict=True))
     base = white.log_likelihood(params, state[-1]).numpy().astype(np.float64)
-    # BᵀB and Bᵀr do not depend on σ_δ: computed once, then only the M × M factorisation
+    # BᵀB and Bᵀr do not depend on σ_δ: computed once, then only the block factorisation
     with_res = white.with_source_residual(source_residual, float(grid[0]))
     gram = with_res.residual_gram(params, with_res.predict(params, state[-1]))
     lead = tf.constant([posterior.num_systems])
@@ -683,22 +683,25 @@ def polish_with_source_residual(posterior: LensPosterior, fit: LensMap,
 
     ``rounds`` times: σ_δ per system by the evidence at the current estimate
     (:func:`residual_sigma_by_evidence`), then :func:`newton_polish` (Newton + whitened L-BFGS)
-    of ``posterior.with_source_residual(source_residual, σ_δ)``. The first Newton step uses
-    ``fit.hessian`` (the white polish's, when ``fit`` has one) instead of evaluating the
-    residual posterior's: on the 30 study mocks the stage took 438 s instead of 535 s for the
-    three sets of 10, log p within 3 nats in 26 systems (−11, +3.1, +3.7, +16 in the others),
-    r_Ein and γ both within 1 % in 17/30 either way, 68 % coverage the same or one system
-    higher. A second round
-    (:data:`tfhybrid.lens.defaults.DEFAULT_RESIDUAL_ROUNDS`) re-chooses σ_δ where the first
-    polish moved the lens; as σ_δ moves little (~10 %), later rounds skip the Newton
-    iterations and start L-BFGS whitened by the previous round's Hessian
+    of ``posterior.with_source_residual(source_residual, σ_δ)``.
+
+    The first Newton step uses ``fit.hessian`` (the white polish's, when ``fit`` has one)
+    instead of evaluating the residual posterior's: on the 30 study mocks the stage took 438 s
+    instead of 535 s for the three sets of 10, log p within 3 nats in 26 systems (−11, +3.1,
+    +3.7, +16 in the others), r_Ein and γ both within 1 % in 17/30 either way, 68 % coverage
+    the same or one system higher.
+
+    A second round (:data:`tfhybrid.lens.defaults.DEFAULT_RESIDUAL_ROUNDS`) re-chooses σ_δ
+    where the first polish moved the lens; as σ_δ moves little (~10 %), later rounds skip the
+    Newton iterations and start L-BFGS whitened by the previous round's Hessian
     (``newton_polish(num_iter=0, start_hessian=...)``). On the 30 study mocks this lighter
     round reached the full one's log p to within 1 nat in 29 systems (6 nats higher in the
     other), with r_Ein and γ both within 1 % in 17/30 either way and the same 68 % coverage
-    (±1 system), at 26–64 s instead of 72–111 s per 10 systems. Returns a :class:`LensMap`
-    whose ``log_prob`` and ``hessian`` are the residual posterior's, with ``residual_sigma``
-    and ``residual_gain`` (the evidence gained in the first round) and ``wall_time_s``
-    increased by this stage.
+    (±1 system), at 26–64 s instead of 72–111 s per 10 systems.
+
+    Returns a :class:`LensMap` whose ``log_prob`` and ``hessian`` are the residual
+    posterior's, with ``residual_sigma`` and ``residual_gain`` (the evidence gained in the
+    first round) and ``wall_time_s`` increased by this stage.
     ``fit_map(source_residual=...)`` calls it after its own pipeline.
     """
     import time

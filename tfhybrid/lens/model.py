@@ -192,20 +192,10 @@ class LensPosterior:
                     "source_residual needs residual_sigma (σ_δ per system, > 0); "
                     "tfhybrid.lens.fit.residual_sigma_by_evidence picks it from the data"
                 )
-            res = np.asarray(self.residual_sigma, dtype=np.float64)
-            if res.ndim > 1 or (res.ndim == 1 and res.shape[0] not in (1, self.num_systems)):
-                raise TfhybridInputError(
-                    f"residual_sigma must be a number or have shape ({self.num_systems},); got "
-                    f"shape {res.shape}"
-                )
-            res = np.broadcast_to(res, (self.num_systems,))
-            if not np.all(np.isfinite(res) & (res > 0)):
-                raise TfhybridInputError(
-                    f"residual_sigma must be finite and > 0; got {self.residual_sigma!r}"
-                )
             # a variable, so that a polish can re-choose σ_δ without retracing its graphs
             # (:meth:`_assign_residual_sigma`)
-            self._residual_sigma = tf.Variable(np.array(res), dtype=dtype, trainable=False,
+            self._residual_sigma = tf.Variable(self._checked_residual_sigma(self.residual_sigma),
+                                               dtype=dtype, trainable=False,
                                                name="residual_sigma")
         elif self.residual_sigma is not None:
             raise TfhybridInputError("residual_sigma was given without source_residual")
@@ -266,6 +256,20 @@ class LensPosterior:
         """σ_δ per system ``(S,)``, or None without a source residual."""
         return None if self._residual_sigma is None else self._residual_sigma.numpy()
 
+    def _checked_residual_sigma(self, residual_sigma) -> np.ndarray:
+        """σ_δ as a finite, positive ``(S,)`` float64 array (a number applies to every system)."""
+        res = np.asarray(residual_sigma, dtype=np.float64)
+        if res.ndim > 1 or (res.ndim == 1 and res.shape[0] not in (1, self.num_systems)):
+            raise TfhybridInputError(
+                f"residual_sigma must be a number or have shape ({self.num_systems},); got "
+                f"shape {res.shape}"
+            )
+        res = np.broadcast_to(res, (self.num_systems,))
+        if not np.all(np.isfinite(res) & (res > 0)):
+            raise TfhybridInputError(
+                f"residual_sigma must be finite and > 0; got {residual_sigma!r}")
+        return np.array(res)
+
     def _assign_residual_sigma(self, residual_sigma) -> None:
         """Set σ_δ ``(S,)`` in place: graphs already traced on this posterior (the polish's
         value-and-gradient function) read the new value without being retraced. Private: a
@@ -273,11 +277,9 @@ class LensPosterior:
         uses it on a posterior of its own between its rounds."""
         if self._residual_sigma is None:
             raise TfhybridInputError("this posterior has no source residual")
-        res = np.broadcast_to(np.asarray(residual_sigma, dtype=np.float64), (self.num_systems,))
-        if not np.all(np.isfinite(res) & (res > 0)):
-            raise TfhybridInputError(f"residual_sigma must be finite and > 0; got {res!r}")
+        res = self._checked_residual_sigma(residual_sigma)
         self._residual_sigma.assign(res.astype(self._residual_sigma.dtype.as_numpy_dtype))
-        self.residual_sigma = np.array(res)
+        self.residual_sigma = res
 
     def with_source_residual(self, source_residual: SourceResidualConfig | None,
                              residual_sigma=None) -> LensPosterior:
