@@ -770,15 +770,16 @@ def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, log_det: bool =
     constrained parameters, as :func:`tfhybrid.inference.map.find_map` uses). Built once per
     posterior and traced once per input shape (the state, which the Hessians also use; a Hessian
     chunk when ``chunk_size > 1``), so the Newton iterations reuse the graphs instead of
-    retracing them. XLA stays off: with the batch of a Hessian chunk (32 perturbations) the VAE
-    decoder's convolutions dominate, and XLA's CPU convolutions (and compilation) made a Newton
-    polish 10x slower (123 s instead of 13 s on one system). For the states alone (``(S, D)``)
-    XLA halves a call on the benchmark system (7.1 ms instead of 13.9 ms), but it made the
-    polish test's small posterior 10x slower (348 s instead of ~30 s), so it stays off there
-    too. The lens equation and the source lookup inside it still run compiled: the simulator
-    makes them an XLA cluster of their own (:class:`tfhybrid.physics.lensing.LensingSimulator`),
-    which halves a gradient of the benchmark system (13.9 ms instead of 25.6 ms; 88 ms instead
-    of 162 ms for 10 systems).
+    retracing them.
+
+    XLA-compiled. On a 2-core CPU (benchmark system, one ``(1, 76)`` state) a value and
+    gradient takes ~10 ms instead of ~20 ms as a plain graph (~15 ms instead of ~27 ms with the
+    24² source residual), and the source-residual stage took 17–19 s instead of 28–30 s
+    (measured 2026-11-25); compiling costs ~5 s (~7.5 s with the residual) on the first call,
+    about what tracing the plain graph cost. Earlier releases kept XLA off here because every
+    call recompiled (4–5 s each): the PSF convolution and the residual's gram, called as
+    nested functions, hid their gradients' static shapes from XLA's constant analysis
+    (:mod:`tfhybrid.physics.xla`); they are inlined inside XLA graphs now.
     """
 
     # one function per posterior, sign convention and state shape: a posterior polished again
@@ -790,7 +791,7 @@ def _log_prob_and_grad(posterior: LensPosterior, bijs, u, sizes, log_det: bool =
 
     # no tensor-dependent Python control flow: AutoGraph has nothing to convert (and warned
     # that it could not read this closure's source)
-    @tf.function(autograph=False)
+    @tf.function(autograph=False, jit_compile=True)
     def fn(x):
         with tf.GradientTape() as tape:
             tape.watch(x)

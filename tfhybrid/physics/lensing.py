@@ -97,6 +97,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfhybrid.physics import interpolation, lens_profiles, psf, spl_table
+from tfhybrid.physics.xla import in_xla_context
 from tfhybrid.validation import TfhybridInputError
 
 tfd = tfp.distributions
@@ -708,7 +709,7 @@ class LensingSimulator(keras.layers.Layer):
     def _forward(self, source, params, n_terms=None, coordinates_shape=None):
         # inside a caller's XLA graph the cluster is inlined (as a nested call, its gradient
         # would not compile: XLA needs the gather gradient's shapes as constants)
-        lensed = self._lensed_core if _in_xla_context() else self._lensed
+        lensed = self._lensed_core if in_xla_context() else self._lensed
         if coordinates_shape is None:
             image = lensed(source, params, n_terms)
             coordinates = None
@@ -751,7 +752,7 @@ class LensingSimulator(keras.layers.Layer):
         (:func:`source_pixel_coordinates_core`). Used by the source-plane residual of
         :mod:`tfhybrid.physics.source_residual`.
         """
-        traced = self._traced_core if _in_xla_context() else self._traced
+        traced = self._traced_core if in_xla_context() else self._traced
         return traced(params, tuple(source_shape))
 
     def image_and_source_coordinates(self, inputs, source_shape=(64, 64)):
@@ -803,21 +804,6 @@ class LensingSimulator(keras.layers.Layer):
         cfg = super().get_config()
         cfg.update(config=dict(self.config.__dict__))
         return cfg
-
-
-def _in_xla_context() -> bool:
-    """Whether the graph being traced (or one it is nested in) is compiled by XLA.
-
-    TensorFlow's internal API (there is no public one). Should it go away, the answer is
-    True: the layer then inlines its cluster everywhere, the plain graph of earlier releases
-    (slower outside XLA, but never the nested call whose gradient XLA cannot compile)."""
-    try:
-        from tensorflow.python.framework import ops
-        from tensorflow.python.ops import control_flow_util
-
-        return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
-    except (ImportError, AttributeError):
-        return True
 
 
 @functools.lru_cache(maxsize=8)

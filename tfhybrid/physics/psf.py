@@ -53,6 +53,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfhybrid.physics.xla import in_xla_context
 from tfhybrid.validation import TfhybridInputError, as_arcsec, check_range
 
 __all__ = [
@@ -608,11 +609,17 @@ class FFTConvolution:
 
     def __call__(self, images) -> tf.Tensor:
         """Convolve ``(batch, bands, ny, nx)`` images; returns the same shape."""
-        return self._kernel(self._check(images), self.otf, self.fft_shape, self.offset)
+        return self._kernel_here()(self._check(images), self.otf, self.fft_shape, self.offset)
 
     def adjoint(self, images) -> tf.Tensor:
         """Apply the transpose operator (correlation by the PSFs, 'same' crop)."""
-        return self._kernel(self._check(images), self.adjoint_otf, self.fft_shape, self.offset)
+        return self._kernel_here()(self._check(images), self.adjoint_otf, self.fft_shape,
+                                   self.offset)
+
+    def _kernel_here(self):
+        # inlined inside a caller's XLA graph: as a nested call, its gradient (the crop's and
+        # the FFTs') made the caller recompile on every call (see tfhybrid.physics.xla)
+        return _apply_otf_core if in_xla_context() else self._kernel
 
 
 # --------------------------------------------------------------------------------------------

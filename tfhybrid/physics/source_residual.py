@@ -62,6 +62,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from tfhybrid.physics.xla import in_xla_context
 from tfhybrid.validation import TfhybridInputError
 
 __all__ = [
@@ -199,7 +200,9 @@ def bilinear_gram(grid_col, grid_row, residual, grid_size: int):
     ``unsorted_segment_sum`` is slow for these sizes (8 ms for 65 536 × 13 values onto 626
     cells, 0.4 ms with XLA).
     """
-    return _bilinear_gram_xla(grid_col, grid_row, residual, int(grid_size))
+    # inside a caller's XLA graph, inlined (a nested call recompiles it: tfhybrid.physics.xla)
+    gram = _bilinear_gram if in_xla_context() else _bilinear_gram_xla
+    return gram(grid_col, grid_row, residual, int(grid_size))
 
 
 def _bilinear_gram(grid_col, grid_row, residual, grid_size: int):
@@ -369,14 +372,16 @@ def _marginal_correction(diagonal, lower, projected, sigma, sigma_residual):
     b = projected / tf.square(sigma)[:, None]
     # the gradient is grad()'s: no tape may record through the compiled scans (XLA cannot
     # return their intermediate lists to a tape)
-    chol, cross, y = _block_cholesky_xla(
+    xla = in_xla_context()  # then inlined, as nested calls would recompile per call
+    chol, cross, y = (_block_cholesky if xla else _block_cholesky_xla)(
         *(tf.stop_gradient(x) for x in (eye + r4 * diagonal, r4 * lower,
                                         tf.reshape(b, [-1, m, m, 1]))))
     half_log_det = tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol)), [-2, -1])
     value = 0.5 * s2 * tf.reduce_sum(tf.square(y), [-3, -2, -1]) - half_log_det
 
     def grad(upstream):
-        w, inv_diagonal, inv_lower = _block_inverse_xla(
+        inverse = _block_solve_and_selected_inverse if xla else _block_inverse_xla
+        w, inv_diagonal, inv_lower = inverse(
             *(tf.stop_gradient(x) for x in (chol, cross, y)))
         w = tf.reshape(w, [-1, m, m])  # (batch, grid row, node in row)
         s2_4 = s2[:, None, None, None]
