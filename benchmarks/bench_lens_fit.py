@@ -7,16 +7,17 @@ Target: :class:`tfhybrid.lens.model.LensPosterior` (eq. 26) of paper-size 256 x 
   :func:`tfhybrid.lens.fit.fit_map` with its defaults (:mod:`tfhybrid.lens.defaults`) on one
   system (coarse search with source-scale jumps on the coarse grid, 3 x 500 steps, 2 x 1000
   full-resolution Adam steps with XLA, 3 Newton iterations, then up to 3 runs of 200
-  whitened L-BFGS iterations, with forward-difference Hessians), MEASURED end to end in a
-  fresh call (tracing and XLA compilation included), with the stage breakdown.
+  whitened L-BFGS iterations, with forward-difference Hessians; the polish's value and
+  gradient XLA-compiled), MEASURED end to end in a fresh call (tracing and XLA compilation
+  included), with the stage breakdown.
 * **Adam step**: seconds per step of :func:`tfhybrid.inference.map.find_map` as fit_map calls it
   (bijectors, default schedule), XLA off and on: the median of the compiled chunks after the
   first (``MapResult.chunk_seconds``; the first chunk traces and compiles).
 * **HMC**: :func:`tfhybrid.lens.fit.sample_lens_posterior` with its defaults (Laplace
-  preconditioning, 10 leapfrog steps, the paper's 50 warm-up + 500 draws) from the MAP, MEASURED
-  end to end (tracing included; the Hessian comes from the MAP, as in the pipeline), and the
-  steady seconds per draw (median compiled chunk / its draws). ``--quick`` runs 20 + 100 draws
-  and extrapolates the steady cost to 550, saying so.
+  preconditioning, 10 leapfrog steps, XLA-compiled chunks, the paper's 50 warm-up + 500 draws)
+  from the MAP, MEASURED end to end (tracing included; the Hessian comes from the MAP, as in
+  the pipeline), and the steady seconds per draw (median compiled chunk / its draws).
+  ``--quick`` runs 20 + 100 draws and extrapolates the steady cost to 550, saying so.
 * **batched systems**: per-step time of one graph holding S = 1, 8, 32 systems (1 start each,
   XLA as fit_map uses it), and the per-system cost = per-step time / S.
 * with ``--source-residual M``: the source-residual stage after the MAP

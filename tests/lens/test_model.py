@@ -554,6 +554,31 @@ def test_newton_polish_converges_to_the_mode(vae, problem):
     np.testing.assert_allclose(lp2, lp, rtol=1e-6)
 
 
+def test_polish_gradient_is_compiled_once_for_every_state(vae, problem):
+    """The polish's XLA value-and-gradient takes the state as a program parameter (white and
+    with the source residual): compiled once, not once per state (each call recompiled when
+    the PSF convolution and the residual's gram were nested calls), and equal to the
+    uncompiled posterior's value and gradient."""
+    from tests.physics.test_xla import entry_parameter_shapes
+    from tfhybrid.lens.fit import _flat_unconstrained, _log_prob_and_grad, _unflatten
+
+    white = LensPosterior(problem["observed"], SIGMA, vae, CONFIG)
+    for post in (white, white.with_source_residual(RESIDUAL, 0.05)):
+        state = post.state_from_dict(dict(TRUTH, z=problem["z"][0], r_ein=1.28))
+        bijs, u, sizes, flat = _flat_unconstrained(post, state)
+        fn = _log_prob_and_grad(post, bijs, u, sizes)
+        assert f"f32[1,{flat.shape[1]}]" in entry_parameter_shapes(fn, flat)
+        with tf.GradientTape() as tape:
+            tape.watch(flat)
+            parts, jac = _unflatten(post, bijs, u, sizes, flat)
+            lp_ref = post.target_log_prob(*parts) + jac
+        grad_ref = tape.gradient(lp_ref, flat)
+        lp, grad = fn(flat)
+        np.testing.assert_allclose(lp, lp_ref, rtol=1e-6)
+        scale = np.abs(grad_ref.numpy()).max()
+        np.testing.assert_allclose(grad, grad_ref, rtol=1e-3, atol=1e-4 * scale)
+
+
 @pytest.mark.parametrize("scheme, rtol", [("forward", 5e-4), ("central", 1e-4)])
 def test_finite_difference_hessian_matches_the_analytic_one(scheme, rtol):
     """_hessian_at on log p = -x^T A x / 2 - sum(x^4) / 4 (two systems, D = 5, batched).

@@ -685,8 +685,8 @@ class LensingSimulator(keras.layers.Layer):
             self._forward, jit_compile=config.jit_compile, reduce_retracing=False
         )
         # The lens equation and the source lookup as an XLA cluster of their own, also inside
-        # callers' graphs that are not compiled (the lensing posterior's polish, Hessians and
-        # HMC keep the VAE decoder's convolutions out of XLA, which makes them slower on CPU):
+        # callers' graphs that are not compiled (the lensing posterior's coarse search keeps
+        # the VAE decoder's convolutions out of XLA, which makes them slower on CPU there):
         # on a 2-core CPU the table ray trace of one 256 x 256 system with its gradient takes
         # 7.9 ms instead of 19.1 ms (171 ms instead of 457 ms for a batch of 39). Inside a
         # compiled caller it is simply inlined. The exact EPL's loop keeps its own form.
