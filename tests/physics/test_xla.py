@@ -107,3 +107,39 @@ def test_lensing_simulator_gradient_compiles_with_the_parameters_as_parameters()
         return y, tape.gradient(y, x)
 
     assert _hlo_shape(x) in entry_parameter_shapes(value_and_gradient, x)
+
+
+def test_compile_cache_keeps_compiled_programs_for_later_processes(tmp_path):
+    """A fresh process with the cache enabled writes its compiled program under a
+    TensorFlow-version / machine / CPU key; other TF_XLA_FLAGS are kept."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, tensorflow as tf\n"
+        "from tfhybrid.physics.xla import enable_compile_cache\n"
+        f"path = enable_compile_cache({str(tmp_path / 'cache')!r})\n"
+        "assert '--tf_xla_auto_jit=0' in os.environ['TF_XLA_FLAGS']\n"
+        "f = tf.function(lambda x: tf.reduce_sum(tf.sin(x) ** 2), jit_compile=True)\n"
+        "f(tf.ones([8]))\n"
+        "print(path)\n"
+    )
+    env = dict(os.environ, TF_XLA_FLAGS="--tf_xla_auto_jit=0", TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip().splitlines()[-1]
+    path = tmp_path / "cache" / os.path.basename(out)
+    assert path.is_dir() and path.name.startswith(f"tf{tf.__version__}-")
+    assert any(p.suffix == ".pb" for p in path.iterdir())
+
+
+def test_compile_cache_refuses_an_unusable_directory(tmp_path):
+    import pytest
+
+    from tfhybrid.physics.xla import enable_compile_cache
+    from tfhybrid.validation import TfhybridInputError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(TfhybridInputError, match="cannot create the compile cache"):
+        enable_compile_cache(blocker)
