@@ -559,7 +559,7 @@ def test_polish_gradient_is_compiled_once_for_every_state(vae, problem):
     with the source residual): compiled once, not once per state (each call recompiled when
     the PSF convolution and the residual's gram were nested calls), and equal to the
     uncompiled posterior's value and gradient."""
-    from tests.physics.test_xla import entry_parameter_shapes
+    from tests.hlo import entry_parameter_shapes
     from tfhybrid.lens.fit import _flat_unconstrained, _log_prob_and_grad, _unflatten
 
     white = LensPosterior(problem["observed"], SIGMA, vae, CONFIG)

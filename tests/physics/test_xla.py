@@ -9,27 +9,14 @@ bug, the entry computation had none). No timing is involved.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import tensorflow as tf
 
+from tests.hlo import entry_parameter_shapes, hlo_shape
 from tfhybrid.physics import psf as P
 from tfhybrid.physics import source_residual as sr
 from tfhybrid.physics.lensing import PARAM_NAMES, LensingConfig, LensingSimulator
-from tfhybrid.physics.xla import in_xla_context
-
-
-def entry_parameter_shapes(fn, *args) -> list[str]:
-    """Shapes (HLO text, e.g. ``f32[2,16]``) of the entry parameters of ``fn``'s XLA program."""
-    hlo = fn.experimental_get_compiler_ir(*args)(stage="hlo")
-    entry = hlo[hlo.index("ENTRY"):]
-    return re.findall(r"= (\w+\[[\d,]*\])\S* parameter\(\d+\)", entry)
-
-
-def _hlo_shape(x) -> str:
-    kind = {tf.float32: "f32", tf.float64: "f64"}[x.dtype]
-    return f"{kind}[{','.join(str(d) for d in x.shape)}]"
+from tfhybrid.physics.xla import in_xla_context, nestable_function
 
 
 def test_in_xla_context_only_inside_compiled_graphs():
@@ -45,6 +32,33 @@ def test_in_xla_context_only_inside_compiled_graphs():
     assert seen == {"eager": False, "graph": False, "xla": True}
 
 
+def test_nestable_function_is_inlined_in_xla_graphs_and_a_function_elsewhere():
+    """Inside a jit-compiled caller, the core is traced into the caller's graph (no nested
+    function call); in a plain graph it is a call of its own tf.function, traced once."""
+    traced = []
+
+    def core(x):
+        traced.append(in_xla_context())
+        return tf.sin(x) * 2.0
+
+    nested = nestable_function(core, autograph=False)
+    assert nested.__name__ == "core" and nested.core is core
+
+    def ops_of(fn, x):
+        graph = tf.function(fn, **fn_kwargs).get_concrete_function(x).graph
+        return {op.type for op in graph.get_operations()}
+
+    x = tf.constant([0.5, 1.0])
+    fn_kwargs = dict(jit_compile=True, autograph=False)
+    inlined = ops_of(lambda x: nested(x) + 1.0, x)
+    assert "Sin" in inlined and not inlined & {"StatefulPartitionedCall", "PartitionedCall"}
+    fn_kwargs = dict(autograph=False)
+    called = ops_of(lambda x: nested(x) + 1.0, x)
+    assert "Sin" not in called and called & {"StatefulPartitionedCall", "PartitionedCall"}
+    assert traced == [True, False]
+    np.testing.assert_allclose(nested(x), np.sin([0.5, 1.0]) * 2.0, rtol=1e-6)
+
+
 def test_psf_convolution_gradient_compiles_with_the_image_as_a_parameter():
     conv = P.FFTConvolution(np.ones((1, 25, 25), np.float32), (32, 32))
 
@@ -56,7 +70,7 @@ def test_psf_convolution_gradient_compiles_with_the_image_as_a_parameter():
         return y, tape.gradient(y, x)
 
     x = tf.random.stateless_normal([2, 1, 32, 32], seed=[1, 2])
-    assert _hlo_shape(x) in entry_parameter_shapes(value_and_gradient, x)
+    assert hlo_shape(x) in entry_parameter_shapes(value_and_gradient, x)
     # and the inlined kernel is the same convolution as the eager one
     np.testing.assert_allclose(value_and_gradient(x)[0], tf.reduce_sum(conv(x) ** 2), rtol=1e-5)
 
@@ -81,7 +95,7 @@ def test_residual_gram_and_correction_gradients_compile_with_the_positions_as_pa
         return y, tape.gradient(y, [c, r])
 
     shapes = entry_parameter_shapes(value_and_gradient, col, row)
-    assert shapes.count(_hlo_shape(col)) >= 2
+    assert shapes.count(hlo_shape(col)) >= 2
     y, (g_col, _) = value_and_gradient(col, row)
     with tf.GradientTape() as tape:  # outside XLA: the nested compiled functions
         tape.watch(col)
@@ -106,7 +120,7 @@ def test_lensing_simulator_gradient_compiles_with_the_parameters_as_parameters()
             y = tf.reduce_sum(sim(dict(source=source, **inputs)) ** 2)
         return y, tape.gradient(y, x)
 
-    assert _hlo_shape(x) in entry_parameter_shapes(value_and_gradient, x)
+    assert hlo_shape(x) in entry_parameter_shapes(value_and_gradient, x)
 
 
 def test_compile_cache_keeps_compiled_programs_for_later_processes(tmp_path):

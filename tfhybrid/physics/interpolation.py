@@ -51,6 +51,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfhybrid.physics.xla import nestable_function
 from tfhybrid.validation import TfhybridInputError
 
 __all__ = [
@@ -112,8 +113,10 @@ def bilinear_interpolate_core(image: tf.Tensor, x: tf.Tensor, y: tf.Tensor, mode
     return tf.reshape(out, out_shape)
 
 
-_core_graph = tf.function(bilinear_interpolate_core, reduce_retracing=False)
-_core_xla = tf.function(bilinear_interpolate_core, jit_compile=True, reduce_retracing=False)
+# nestable: inlined inside a caller's XLA graph (tfhybrid.physics.xla)
+_core_graph = nestable_function(bilinear_interpolate_core, reduce_retracing=False)
+_core_xla = nestable_function(bilinear_interpolate_core, jit_compile=True,
+                              reduce_retracing=False)
 
 
 def _float_tensor(name: str, value, dtype=None) -> tf.Tensor:

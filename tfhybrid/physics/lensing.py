@@ -97,7 +97,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfhybrid.physics import interpolation, lens_profiles, psf, spl_table
-from tfhybrid.physics.xla import in_xla_context
+from tfhybrid.physics.xla import nestable_function
 from tfhybrid.validation import TfhybridInputError
 
 tfd = tfp.distributions
@@ -689,14 +689,16 @@ class LensingSimulator(keras.layers.Layer):
         # the VAE decoder's convolutions out of XLA, which makes them slower on CPU there):
         # on a 2-core CPU the table ray trace of one 256 x 256 system with its gradient takes
         # 7.9 ms instead of 19.1 ms (171 ms instead of 457 ms for a batch of 39). Inside a
-        # compiled caller it is simply inlined. The exact EPL's loop keeps its own form.
+        # compiled caller it is simply inlined (nestable_function: as a nested call, its
+        # gradient would not compile once; XLA needs the gather gradient's shapes as
+        # constants). The exact EPL's loop keeps its own form.
         self._lensed = self._lensed_core
         self._traced = self._traced_core
         if config.jit_compile and config.deflection == "table":
-            self._lensed = tf.function(self._lensed_core, jit_compile=True, autograph=False,
-                                       reduce_retracing=False)
-            self._traced = tf.function(self._traced_core, jit_compile=True, autograph=False,
-                                       reduce_retracing=False)
+            self._lensed = nestable_function(self._lensed_core, jit_compile=True,
+                                             autograph=False, reduce_retracing=False)
+            self._traced = nestable_function(self._traced_core, jit_compile=True,
+                                             autograph=False, reduce_retracing=False)
 
     # -- the model ------------------------------------------------------------------------
     def _traced_core(self, params, source_shape, n_terms=None):
@@ -707,14 +709,11 @@ class LensingSimulator(keras.layers.Layer):
                                              params["theta_src2"], params["s"], source_shape)
 
     def _forward(self, source, params, n_terms=None, coordinates_shape=None):
-        # inside a caller's XLA graph the cluster is inlined (as a nested call, its gradient
-        # would not compile: XLA needs the gather gradient's shapes as constants)
-        lensed = self._lensed_core if in_xla_context() else self._lensed
         if coordinates_shape is None:
-            image = lensed(source, params, n_terms)
+            image = self._lensed(source, params, n_terms)
             coordinates = None
         else:
-            image, coordinates = lensed(source, params, n_terms, coordinates_shape)
+            image, coordinates = self._lensed(source, params, n_terms, coordinates_shape)
         if self._convolution is not None:
             image = self._convolution(image[:, None])[:, 0]
         return image if coordinates is None else (image, coordinates)
@@ -752,8 +751,7 @@ class LensingSimulator(keras.layers.Layer):
         (:func:`source_pixel_coordinates_core`). Used by the source-plane residual of
         :mod:`tfhybrid.physics.source_residual`.
         """
-        traced = self._traced_core if in_xla_context() else self._traced
-        return traced(params, tuple(source_shape))
+        return self._traced(params, tuple(source_shape))
 
     def image_and_source_coordinates(self, inputs, source_shape=(64, 64)):
         """:meth:`call`'s image and :meth:`traced_source_coordinates` from one ray trace.

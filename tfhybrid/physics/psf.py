@@ -53,7 +53,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfhybrid.physics.xla import in_xla_context
+from tfhybrid.physics.xla import nestable_function
 from tfhybrid.validation import TfhybridInputError, as_arcsec, check_range
 
 __all__ = [
@@ -361,11 +361,14 @@ def _convolve_fft_core(
     return _apply_otf_core(images, otf, fft_shape, offset)
 
 
-_convolve_fft_graph = tf.function(_convolve_fft_core, reduce_retracing=False)
-_convolve_fft_xla = tf.function(_convolve_fft_core, jit_compile=True, reduce_retracing=False)
-_apply_otf_graph = tf.function(_apply_otf_core)
-_apply_otf_xla = tf.function(_apply_otf_core, jit_compile=True)
-_otf_graph = tf.function(_otf_core)
+# nestable: inlined inside a caller's XLA graph, where a nested call (its gradient: the crop's
+# and the FFTs') made the caller recompile on every call (see tfhybrid.physics.xla)
+_convolve_fft_graph = nestable_function(_convolve_fft_core, reduce_retracing=False)
+_convolve_fft_xla = nestable_function(_convolve_fft_core, jit_compile=True,
+                                      reduce_retracing=False)
+_apply_otf_graph = nestable_function(_apply_otf_core)
+_apply_otf_xla = nestable_function(_apply_otf_core, jit_compile=True)
+_otf_graph = nestable_function(_otf_core)
 
 
 def _float_tensor(name: str, value, dtype: tf.DType | None = None) -> tf.Tensor:
@@ -609,17 +612,11 @@ class FFTConvolution:
 
     def __call__(self, images) -> tf.Tensor:
         """Convolve ``(batch, bands, ny, nx)`` images; returns the same shape."""
-        return self._kernel_here()(self._check(images), self.otf, self.fft_shape, self.offset)
+        return self._kernel(self._check(images), self.otf, self.fft_shape, self.offset)
 
     def adjoint(self, images) -> tf.Tensor:
         """Apply the transpose operator (correlation by the PSFs, 'same' crop)."""
-        return self._kernel_here()(self._check(images), self.adjoint_otf, self.fft_shape,
-                                   self.offset)
-
-    def _kernel_here(self):
-        # inlined inside a caller's XLA graph: as a nested call, its gradient (the crop's and
-        # the FFTs') made the caller recompile on every call (see tfhybrid.physics.xla)
-        return _apply_otf_core if in_xla_context() else self._kernel
+        return self._kernel(self._check(images), self.adjoint_otf, self.fft_shape, self.offset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -639,8 +636,8 @@ def _convolve_direct_core(images: tf.Tensor, psfs: tf.Tensor, normalize: bool) -
     return tf.transpose(out, (0, 3, 1, 2))
 
 
-_convolve_direct_graph = tf.function(_convolve_direct_core)
-_convolve_direct_xla = tf.function(_convolve_direct_core, jit_compile=True)
+_convolve_direct_graph = nestable_function(_convolve_direct_core)
+_convolve_direct_xla = nestable_function(_convolve_direct_core, jit_compile=True)
 
 
 def convolve_direct(
@@ -720,7 +717,7 @@ def _difference_kernel_core(
     return centred[..., :ky, :kx]
 
 
-_difference_kernel_graph = tf.function(_difference_kernel_core)
+_difference_kernel_graph = nestable_function(_difference_kernel_core)
 
 
 def _second_moment(psf: np.ndarray) -> float:

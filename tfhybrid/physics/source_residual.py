@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from tfhybrid.physics.xla import in_xla_context
+from tfhybrid.physics.xla import nestable_function
 from tfhybrid.validation import TfhybridInputError
 
 __all__ = [
@@ -200,9 +200,7 @@ def bilinear_gram(grid_col, grid_row, residual, grid_size: int):
     ``unsorted_segment_sum`` is slow for these sizes (8 ms for 65 536 × 13 values onto 626
     cells, 0.4 ms with XLA).
     """
-    # inside a caller's XLA graph, inlined (a nested call recompiles it: tfhybrid.physics.xla)
-    gram = _bilinear_gram if in_xla_context() else _bilinear_gram_xla
-    return gram(grid_col, grid_row, residual, int(grid_size))
+    return _bilinear_gram_xla(grid_col, grid_row, residual, int(grid_size))
 
 
 def _bilinear_gram(grid_col, grid_row, residual, grid_size: int):
@@ -246,7 +244,10 @@ def _bilinear_gram(grid_col, grid_row, residual, grid_size: int):
     return tf.cast(diagonal, dtype), tf.cast(lower, dtype), tf.cast(projected, dtype)
 
 
-_bilinear_gram_xla = tf.function(_bilinear_gram, jit_compile=True, reduce_retracing=True)
+# nestable: inlined inside a caller's XLA graph (a nested call recompiles per call there:
+# tfhybrid.physics.xla)
+_bilinear_gram_xla = nestable_function(_bilinear_gram, jit_compile=True,
+                                       reduce_retracing=True)
 
 
 def dense_gram(diagonal, lower) -> np.ndarray:
@@ -357,9 +358,10 @@ def _block_solve_and_selected_inverse(chol, cross, y):
 # scans compiled by XLA (m = 24, 2-core CPU): factor 2.0 ms and inverse 0.8 ms, compiled in
 # 0.5 s and 1.4 s; unrolled over the rows, 3.1 and 0.8 ms compiled in 2.4 and 3.4 s, or as
 # plain graphs 2.3 and 2.4 ms (scans 2.9 and 3.3 ms)
-_block_cholesky_xla = tf.function(_block_cholesky, jit_compile=True, autograph=False)
-_block_inverse_xla = tf.function(_block_solve_and_selected_inverse, jit_compile=True,
-                                 autograph=False)
+# (nestable: inlined inside a caller's XLA graph)
+_block_cholesky_xla = nestable_function(_block_cholesky, jit_compile=True, autograph=False)
+_block_inverse_xla = nestable_function(_block_solve_and_selected_inverse, jit_compile=True,
+                                       autograph=False)
 
 
 @tf.custom_gradient
@@ -372,16 +374,14 @@ def _marginal_correction(diagonal, lower, projected, sigma, sigma_residual):
     b = projected / tf.square(sigma)[:, None]
     # the gradient is grad()'s: no tape may record through the compiled scans (XLA cannot
     # return their intermediate lists to a tape)
-    xla = in_xla_context()  # then inlined, as nested calls would recompile per call
-    chol, cross, y = (_block_cholesky if xla else _block_cholesky_xla)(
+    chol, cross, y = _block_cholesky_xla(
         *(tf.stop_gradient(x) for x in (eye + r4 * diagonal, r4 * lower,
                                         tf.reshape(b, [-1, m, m, 1]))))
     half_log_det = tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol)), [-2, -1])
     value = 0.5 * s2 * tf.reduce_sum(tf.square(y), [-3, -2, -1]) - half_log_det
 
     def grad(upstream):
-        inverse = _block_solve_and_selected_inverse if xla else _block_inverse_xla
-        w, inv_diagonal, inv_lower = inverse(
+        w, inv_diagonal, inv_lower = _block_inverse_xla(
             *(tf.stop_gradient(x) for x in (chol, cross, y)))
         w = tf.reshape(w, [-1, m, m])  # (batch, grid row, node in row)
         s2_4 = s2[:, None, None, None]

@@ -1,12 +1,13 @@
-"""Where a traced graph runs: whether XLA compiles it.
+"""Where a traced graph runs: whether XLA compiles it; functions that are safe to nest in it.
 
 A layer that wraps its core in a ``tf.function`` of its own (a compiled cluster, or a graph
 that eager callers trace once) must inline that core when its caller is itself compiled by
-XLA: a nested function call hides the core's static shapes from XLA's constant analysis, so
-its gradient's shape arguments (those of the slice and FFT gradients, of a gather's) become
-"must be constant" inputs of the caller's cluster, traced back to the caller's arguments. XLA
-then compiles the caller once per argument *value*: every call recompiles (measured: the
-lensing posterior's value and gradient, 4–5 s per call instead of 20 ms).
+XLA (:func:`nestable_function` does both): a nested function call hides the core's static
+shapes from XLA's constant analysis, so its gradient's shape arguments (those of the slice
+and FFT gradients, of a gather's) become "must be constant" inputs of the caller's cluster,
+traced back to the caller's arguments. XLA then compiles the caller once per argument
+*value*: every call recompiles (measured: the lensing posterior's value and gradient, 4–5 s
+per call instead of 20 ms).
 
 :func:`enable_compile_cache` keeps compiled programs on disk, for later processes.
 """
@@ -30,6 +31,39 @@ def in_xla_context() -> bool:
         return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
     except (ImportError, AttributeError):
         return True
+
+
+class NestableFunction:
+    """``core`` as a ``tf.function``, except inside a graph XLA compiles, where it is inlined.
+
+    Made by :func:`nestable_function`. ``core`` is the plain Python function, ``function`` its
+    ``tf.function``. The choice is made when the caller is traced, so it costs nothing per
+    call.
+    """
+
+    def __init__(self, core, **tf_function_kwargs):
+        import functools
+
+        import tensorflow as tf
+
+        self.core = core
+        self.function = tf.function(core, **tf_function_kwargs)
+        functools.update_wrapper(self, core)
+
+    def __call__(self, *args, **kwargs):
+        return (self.core if in_xla_context() else self.function)(*args, **kwargs)
+
+
+def nestable_function(core, **tf_function_kwargs) -> NestableFunction:
+    """``tf.function(core, **tf_function_kwargs)`` that callers compiled by XLA inline.
+
+    Every compiled layer of :mod:`tfhybrid.physics` is built with it (the PSF convolutions,
+    the interpolation, the lens equation's cluster, the source residual's gram and block
+    scans), so nesting one in a ``jit_compile=True`` caller never makes the caller recompile
+    per call (see the module docstring). Outside XLA (eager callers, plain graphs), the
+    ``tf.function`` runs, with its own ``jit_compile`` if asked for.
+    """
+    return NestableFunction(core, **tf_function_kwargs)
 
 
 #: The XLA flag that makes TensorFlow keep compiled programs on disk between processes.
