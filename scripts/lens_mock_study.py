@@ -174,7 +174,12 @@ def main(argv=None) -> dict:
         import json
 
         from tfhybrid.lens.fit import parameter_table
-        from tfhybrid.lens.pipeline import load_map_json, posterior_of_map, robust_summary
+        from tfhybrid.lens.pipeline import (
+            load_map_hessian,
+            load_map_json,
+            posterior_of_map,
+            robust_summary,
+        )
 
         saved = load_map_json(out / "map" / "map.json")
         posterior = posterior_of_map(posterior, saved)
@@ -183,8 +188,7 @@ def main(argv=None) -> dict:
         fit = LensMap(saved["params"], saved["z"], np.asarray(saved["log_prob"]),
                       np.asarray(saved["best_start"]), None, float(saved["wall_time_s"]))
         summary["map"] = json.loads((out / "study_summary.json").read_text())["map"]
-        hess_path = out / "map" / "hessian.npy"
-        hessian = np.load(hess_path) if hess_path.is_file() else None
+        hessian = load_map_hessian(out / "map" / "map.json", saved)
         robust, robust_s = robust_at(fit)
         map_summary_path = out / "map" / "map_summary.json"
         if robust is not None and map_summary_path.is_file():
@@ -200,11 +204,7 @@ def main(argv=None) -> dict:
         map_summary = write_fit_outputs(out / "map", posterior, fit, mocks, labels=labels,
                                         robust=robust)
         posterior = fit.posterior_of(posterior)  # with the source residual, if it was fitted
-        hessian = fit.hessian
-        if hessian is not None:
-            with atomic_path(out / "map" / "hessian.npy") as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, hessian)
+        hessian = fit.hessian  # also saved by write_fit_outputs (map/map_hessian.npy)
         summary["map"] = dict(
             wall_time_s=fit.wall_time_s, num_starts=args.num_starts, num_steps=args.map_steps,
             coarse_starts=args.coarse_starts, coarse_steps=args.coarse_steps,

@@ -18,7 +18,7 @@ def test_lens_help(capsys):
     assert "--num-burnin" in capsys.readouterr().out
 
 
-def test_mock_fit_sample_report(tmp_path, capsys):
+def test_mock_fit_sample_report(tmp_path, capsys, monkeypatch):
     mock_dir, fit_dir = tmp_path / "mocks", tmp_path / "fit"
     assert main(["lens", "mock", "--n", "1", "--seed", "2", "--levels", "high",
                  "--out", str(mock_dir)]) == 0
@@ -52,7 +52,23 @@ def test_mock_fit_sample_report(tmp_path, capsys):
     row = next(r for r in map_summary["table"] if r["parameter"] == "r_ein")
     assert row["lo68_robust"] < row["map"] < row["hi68_robust"]
     assert isinstance(row["covered_68_robust"], bool)
+    # the MAP's Hessian is kept with map.json (which records its digest); a changed file is
+    # not taken for it
+    from tfhybrid.lens.pipeline import load_map_hessian, load_map_json
+
+    hessian = load_map_hessian(fit_dir / "map.json", load_map_json(fit_dir / "map.json"))
+    assert hessian.shape == (1, 76, 76) and np.all(np.isfinite(hessian))
+    assert len(data["hessian_sha256"]) == 64
     shutil.copytree(fit_dir, tmp_path / "map_only")  # before sampling: MAP outputs only
+    np.save(tmp_path / "map_only" / "map_hessian.npy", 2.0 * hessian)
+    assert load_map_hessian(tmp_path / "map_only" / "map.json", data) is None
+    # so the sampler starts from it instead of evaluating the Hessian again
+    import tfhybrid.lens.fit
+
+    def no_hessian(*args, **kwargs):
+        raise AssertionError("the sampler evaluated a Hessian the fit had saved")
+
+    monkeypatch.setattr(tfhybrid.lens.fit, "laplace_hessian", no_hessian)
     assert main(["lens", "sample", "--mock", str(mock), "--map", str(fit_dir / "map.json"),
                  "--num-results", "6", "--num-burnin", "0", "--out", str(fit_dir),
                  "--no-progress"]) == 0

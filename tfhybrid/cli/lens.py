@@ -277,7 +277,12 @@ def run_sample(args) -> int:
     import numpy as np
 
     from tfhybrid.lens.fit import sample_lens_posterior
-    from tfhybrid.lens.pipeline import load_map_json, posterior_of_map, write_sample_outputs
+    from tfhybrid.lens.pipeline import (
+        load_map_hessian,
+        load_map_json,
+        posterior_of_map,
+        write_sample_outputs,
+    )
     from tfhybrid.physics.lensing import PARAM_NAMES
 
     _positive("--num-results", args.num_results)
@@ -301,6 +306,7 @@ def run_sample(args) -> int:
         posterior, start, num_results=args.num_results, num_burnin=args.num_burnin,
         kernel=args.kernel, num_chains=args.chains, seed=args.seed,
         checkpoint_dir=Path(args.out) / "chunks", progress=not args.no_progress,
+        hessian=load_map_hessian(args.map, data),  # None: evaluated at the MAP
     )
     from tfhybrid.lens.fit import LensMap
 

@@ -5,7 +5,9 @@ from a notebook as well. All outputs are written atomically.
 
 Outputs of :func:`write_fit_outputs` in ``out_dir``: ``map.json`` (MAP parameters and z per
 system, log posterior, optimiser message, wall time), ``map_model.fits`` (model images and
-MAP sources), ``fig_map.png`` (Fig. 6/7 layout), ``fig_loss.png``.
+MAP sources), ``fig_map.png`` (Fig. 6/7 layout), ``fig_loss.png``, and ``map_hessian.npy`` (the
+Hessian at the MAP, when the fit has one; ``map.json`` records its SHA-256, and
+:func:`load_map_hessian` gives it to the sampler, which then need not evaluate it again).
 Outputs of :func:`write_sample_outputs`: ``samples.npz`` (draws of every parameter),
 ``posterior.nc`` (ArviZ InferenceData), ``fig_posterior.png`` (Fig. 8/9 layout),
 ``table.txt`` (true / MAP / mean ± std / per cent error) and ``summary.json``; with
@@ -59,6 +61,7 @@ __all__ = [
     "samples_to_arviz",
     "write_sample_outputs",
     "load_map_json",
+    "load_map_hessian",
     "posterior_of_map",
     "run_demo",
 ]
@@ -131,6 +134,33 @@ def load_map_json(path) -> dict:
     return data
 
 
+#: Where :func:`write_fit_outputs` keeps the Hessian at the MAP, next to ``map.json``.
+MAP_HESSIAN_FILE = "map_hessian.npy"
+
+
+def _hessian_digest(hessian: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(hessian, np.float64).tobytes()).hexdigest()
+
+
+def load_map_hessian(map_json, data: dict) -> np.ndarray | None:
+    """The Hessian :func:`write_fit_outputs` saved with ``map_json`` (``data``: that file, as
+    :func:`load_map_json` read it), or None when it has none, the file is missing or unreadable,
+    or its SHA-256 is not the one ``map.json`` records (a Hessian from another fit)."""
+    digest = data.get("hessian_sha256")
+    path = Path(map_json).parent / MAP_HESSIAN_FILE
+    if not digest or not path.is_file():
+        return None
+    try:
+        hessian = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if hessian.dtype != np.float64 or _hessian_digest(hessian) != digest:
+        return None
+    return hessian
+
+
 def write_fit_outputs(out_dir, posterior: LensPosterior, fit: LensMap,
                       mocks: MockSystems | None = None, labels: Sequence[str] | None = None,
                       observed=None, robust=None) -> dict:
@@ -148,7 +178,15 @@ def write_fit_outputs(out_dir, posterior: LensPosterior, fit: LensMap,
     state = fit.state()
     model = posterior.predict(dict(zip(PARAM_NAMES, state[:-1], strict=True)), state[-1]).numpy()
     fit_src = posterior.source_images(state[-1]).numpy()
-    write_json_atomic(out / "map.json", _map_dict(fit))
+    map_record = _map_dict(fit)
+    map_record["hessian_sha256"] = None
+    if fit.hessian is not None:  # first, so that map.json never names a Hessian not written
+        hessian = np.ascontiguousarray(fit.hessian, np.float64)
+        with atomic_path(out / MAP_HESSIAN_FILE) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, hessian)
+        map_record["hessian_sha256"] = _hessian_digest(hessian)
+    write_json_atomic(out / "map.json", map_record)
     hdus = fits.HDUList([fits.PrimaryHDU(model.astype(np.float32)),
                          fits.ImageHDU(fit_src.astype(np.float32), name="SOURCE")])
     hdus[0].header["COMMENT"] = "MAP model images (S, n, n) and MAP decoded sources d(z)"
