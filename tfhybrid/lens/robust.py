@@ -121,7 +121,7 @@ class RobustIntervals:
 def _derived_jacobian(posterior, bijs, u, sizes, flat):
     """(S, 13, D): ∂(12 parameters, θ_E)/∂u, and the prior's −Hessian (S, D, D).
 
-    One traced graph with vectorised (``pfor``) Jacobians: on the benchmark system 3.5–4.3 s
+    One traced graph with vectorised (``pfor``) Jacobians: for two 256² systems 3.5–4.3 s
     (tracing, mostly) instead of 10.5–14 s for the eager loop over the 76 coordinates, with
     the same values to float32 rounding (measured 2026-11-25, 2-core CPU).
     """
