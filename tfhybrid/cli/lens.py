@@ -134,7 +134,9 @@ def register(subparsers) -> None:
                                 "map_summary.json and the table (0: none; ~10 s per system)")
             p.set_defaults(func=run_fit)
         else:
-            p.add_argument("--map", required=True, help="map.json of tfhybrid lens fit")
+            p.add_argument("--map", required=True,
+                           help="map.json of tfhybrid lens fit (its map_hessian.npy beside it, "
+                                "if its digest matches, whitens HMC instead of a new Hessian)")
             p.add_argument("--kernel", choices=("hmc", "nuts"), default="hmc")
             p.add_argument("--num-results", type=int, default=500)
             p.add_argument("--num-burnin", type=int, default=50)
