@@ -42,6 +42,10 @@ def test_mock_fit_sample_report(tmp_path, capsys, monkeypatch):
     # the residual the MAP was polished under is recorded, and sampling uses it
     assert data["source_residual"] == {"grid_size": 8, "pixel_factor": 1.0}
     assert len(data["residual_sigma"]) == 1 and data["residual_sigma"][0] > 0
+    # each stage's wall time
+    assert sorted(data["stage_seconds"]) == ["adam", "global search", "polish",
+                                             "source residual"]
+    assert sum(data["stage_seconds"].values()) == pytest.approx(data["wall_time_s"])
     for name in ("map_model.fits", "fig_map.png", "fig_loss.png", "map_table.txt"):
         assert (fit_dir / name).is_file(), name
     # the model-robust (sandwich) intervals at the MAP, by default

@@ -262,19 +262,33 @@ def test_fit_map_with_a_source_residual_polishes_and_samples_that_posterior(vae,
     knotted = _knotted_observation(vae, problem, 0.4)
     post = LensPosterior(knotted, SIGMA, vae, CONFIG)
     init = post.state_from_dict(dict(TRUTH, z=problem["z"][0]), lead_shape=(1, 1))
-    calls, polish = [], fit_module.newton_polish
+    calls, polish, started = [], fit_module.newton_polish, []
+    start_graph = fit_module._start_residual_polish_graph
 
     def spy(posterior, state, **kwargs):
+        traced = [f.experimental_get_tracing_count() for f in
+                  vars(posterior).get("_value_and_gradient_fns", {}).values()]
         out = polish(posterior, state, **kwargs)
-        calls.append((posterior.source_residual, kwargs.get("start_hessian"), out[2]))
+        calls.append((posterior, kwargs.get("start_hessian"), out[2], traced))
         return out
 
+    def spy_start(*args):
+        started.append(start_graph(*args))
+        return started[-1]
+
     monkeypatch.setattr(fit_module, "newton_polish", spy)
+    monkeypatch.setattr(fit_module, "_start_residual_polish_graph", spy_start)
     fit = fit_map(post, initial_state=init, num_steps=100, newton_iter=1, lbfgs_iter=20,
                   lbfgs_cycles=1, source_residual=RESIDUAL, residual_rounds=1, progress=False)
     # the white polish, then the residual one, whose Newton starts from the white Hessian
-    assert [c[0] for c in calls] == [None, RESIDUAL] and calls[0][1] is None
+    assert [c[0].source_residual for c in calls] == [None, RESIDUAL] and calls[0][1] is None
     assert calls[1][1] is calls[0][2] and fit.hessian is calls[1][2]
+    # the residual polish ran on the posterior whose graph was compiled in the background
+    # during the white polish: traced once before the polish began, and not again
+    assert len(started) == 1 and started[0][1].done() and calls[1][0] is started[0][0]
+    assert calls[1][3] == [1]
+    assert [f.experimental_get_tracing_count() for f in
+            vars(calls[1][0])["_value_and_gradient_fns"].values()] == [1]
     assert fit.source_residual == RESIDUAL and fit.residual_sigma.shape == (1,)
     assert fit.residual_gain[0] > 100.0 and "source residual" in fit.message
     post_r = fit.posterior_of(post)

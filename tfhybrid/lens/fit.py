@@ -12,7 +12,7 @@ comparisons (true vs MAP vs posterior mean ± std, per cent errors, interval cov
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import keras
 import numpy as np
@@ -122,6 +122,11 @@ class LensMap:
         the white likelihood. :meth:`posterior_of` rebuilds that posterior for sampling.
     residual_gain : (S,) log evidence gained by the residual at σ_δ, relative to the white
         likelihood, where the polish started (:func:`residual_sigma_by_evidence`).
+    stage_seconds : wall seconds of each stage :func:`fit_map` ran, in order (``"global
+        search"``, ``"adam"``, ``"source-scale jumps"`` with ``jump_stage="full"``,
+        ``"polish"``, ``"source residual"``), tracing and compilation included; they sum to
+        ``wall_time_s``. With a source residual its polish graph compiles in a background
+        thread during ``"polish"`` (see :func:`fit_map`).
     """
 
     params: dict
@@ -136,6 +141,7 @@ class LensMap:
     source_residual: SourceResidualConfig | None = None
     residual_sigma: np.ndarray | None = None
     residual_gain: np.ndarray | None = None
+    stage_seconds: dict = field(default_factory=dict)
 
     def posterior_of(self, posterior: LensPosterior) -> LensPosterior:
         """``posterior`` with the source residual this estimate was made under (if any)."""
@@ -545,7 +551,14 @@ def fit_map(
         integrated out (:mod:`tfhybrid.physics.source_residual`). The result records
         ``source_residual``, ``residual_sigma`` and ``residual_gain``; its ``log_prob`` and
         ``hessian`` are the residual posterior's (:meth:`LensMap.posterior_of`). Needs
-        ``newton_iter > 0`` and a white ``posterior``.
+        ``newton_iter > 0`` and a white ``posterior``. The residual polish's value-and-gradient
+        graph is traced before the white polish and XLA-compiled in a background thread while
+        that polish runs (:func:`_start_residual_polish_graph`): on the benchmark system
+        (fresh process, 2-core CPU) the two polishes took ~44 s instead of ~49 s, with the
+        same result to the bit.
+
+    The wall time of each stage is in :attr:`LensMap.stage_seconds` (``lens fit`` writes it
+    to ``map.json``).
     """
     import time
 
@@ -625,6 +638,8 @@ def fit_map(
         jit_compile=jit_compile,
     )
     wall = time.perf_counter() - t0 + t_coarse
+    stages = {"global search": t_coarse, "adam": wall - t_coarse} if global_search else {
+        "adam": wall}
     lp = np.asarray(res.log_prob)  # (starts, S)
     if lp.ndim == 1:
         lp = lp[None]
@@ -655,10 +670,15 @@ def fit_map(
         fit.jump_gain = np.where(win, lp_j[best_j, cols] - fit.log_prob, 0.0)
         fit.log_prob = np.where(win, lp_j[best_j, cols], fit.log_prob)
         fit.scale_jump = np.where(win, np.asarray(scale_jumps, np.float64)[best_j], 1.0)
-        wall += time.perf_counter() - t1
+        stages["source-scale jumps"] = time.perf_counter() - t1
+        wall += stages["source-scale jumps"]
         fit.wall_time_s = wall
+    post_r, compiled = None, None
     if newton_iter > 0:
         t1 = time.perf_counter()
+        if source_residual is not None:  # its polish's graph compiles while this one runs
+            post_r, compiled = _start_residual_polish_graph(posterior, fit.state(),
+                                                            source_residual)
         parts, lp_best, hess = newton_polish(posterior, fit.state(), num_iter=newton_iter,
                                              lbfgs_iter=lbfgs_iter, lbfgs_cycles=lbfgs_cycles)
         fit = LensMap(
@@ -667,10 +687,52 @@ def fit_map(
             np.asarray(parts[-1], dtype=np.float32), lp_best, best, res,
             wall + time.perf_counter() - t1, hess, fit.scale_jump, fit.jump_gain,
         )
+        stages["polish"] = time.perf_counter() - t1
     if source_residual is not None:
+        t1 = time.perf_counter()
+        if compiled is not None:
+            compiled.result()  # re-raises what went wrong there
         fit = polish_with_source_residual(posterior, fit, source_residual, residual_rounds,
-                                          newton_iter, lbfgs_iter, lbfgs_cycles)
+                                          newton_iter, lbfgs_iter, lbfgs_cycles,
+                                          _residual_posterior=post_r)
+        stages["source residual"] = time.perf_counter() - t1
+    fit.stage_seconds = stages
+    fit.wall_time_s = float(sum(stages.values()))
     return fit
+
+
+def _start_residual_polish_graph(posterior: LensPosterior, state,
+                                 source_residual: SourceResidualConfig):
+    """The residual posterior :func:`polish_with_source_residual` will polish, and a future
+    tracing and compiling its value-and-gradient graph (:func:`_log_prob_and_grad`) in another
+    thread while the white polish (:func:`newton_polish` of ``posterior`` from ``state``) runs.
+
+    The white polish's graph is traced first, here: tracing is Python, which holds the GIL,
+    while XLA compilation (the white graph's ~6 s, the residual's ~11 s on a 2-core CPU)
+    releases it. σ_δ is a placeholder: the evidence sets it in place before the first call
+    that matters (the graph reads it from a variable). From the benchmark system's Adam
+    estimate (fresh process, 2-core CPU, 2026-11-25): the white polish took 28–30 s with the
+    residual graph compiling beside it (23.5 s alone, 32–37 s compiling that graph first), and
+    the residual stage 14–16 s after it; the polishes and the residual stage together took
+    ~44 s instead of ~49 s (``fit_map`` from that state 55–57 s instead of 61 s), with the
+    same result to the bit. Tracing the residual graph here too (before the thread compiles
+    it) was 1–2 s slower; warming the evidence's eager kernels in the thread was slower still
+    (its Python contends with the white polish's).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    grid = np.asarray(RESIDUAL_SIGMA_GRID, np.float64)
+    post_r = posterior.with_source_residual(
+        source_residual, np.full(posterior.num_systems, grid[len(grid) // 2]))
+    bijs, u, sizes, flat = _flat_unconstrained(posterior, state)
+    # the white graph is traced here, the residual one in the thread, while the white one
+    # compiles (tracing is Python and holds the GIL; XLA compilation releases it)
+    _log_prob_and_grad(posterior, bijs, u, sizes, log_det=False).get_concrete_function(flat)
+    fn = _log_prob_and_grad(post_r, bijs, u, sizes, log_det=False)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfhybrid-compile")
+    compiled = pool.submit(fn, flat)
+    pool.shutdown(wait=False)
+    return post_r, compiled
 
 
 def polish_with_source_residual(posterior: LensPosterior, fit: LensMap,
@@ -678,7 +740,9 @@ def polish_with_source_residual(posterior: LensPosterior, fit: LensMap,
                                 rounds: int = DEFAULT_RESIDUAL_ROUNDS,
                                 newton_iter: int = DEFAULT_NEWTON_ITER,
                                 lbfgs_iter: int = DEFAULT_LBFGS_ITER,
-                                lbfgs_cycles: int = DEFAULT_LBFGS_CYCLES) -> LensMap:
+                                lbfgs_cycles: int = DEFAULT_LBFGS_CYCLES,
+                                *, _residual_posterior: LensPosterior | None = None
+                                ) -> LensMap:
     """A white-likelihood MAP ``fit`` carried over to the posterior with a source residual.
 
     ``rounds`` times: σ_δ per system by the evidence at the current estimate
@@ -714,7 +778,7 @@ def polish_with_source_residual(posterior: LensPosterior, fit: LensMap,
         raise TfhybridInputError(
             f"rounds and newton_iter must be >= 1; got {rounds!r} and {newton_iter!r}")
     t1 = time.perf_counter()
-    first_gain, post_r = None, None
+    first_gain, post_r = None, _residual_posterior
     for k in range(int(rounds)):
         sigma, gain = residual_sigma_by_evidence(posterior, fit.state(), source_residual)
         first_gain = gain if first_gain is None else first_gain

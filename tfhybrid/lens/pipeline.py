@@ -98,6 +98,7 @@ def _map_dict(fit: LensMap) -> dict:
         message=fit.message,
         num_steps=int(fit.result.num_steps),
         wall_time_s=float(fit.wall_time_s),
+        stage_seconds={k: float(v) for k, v in fit.stage_seconds.items()},
         source_residual=(None if fit.source_residual is None
                          else dataclasses.asdict(fit.source_residual)),
         residual_sigma=(None if fit.residual_sigma is None
