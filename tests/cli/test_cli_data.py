@@ -205,6 +205,28 @@ def test_preprocess_lensing_from_a_stamp_file(tmp_path, capsys, simulated):
     np.testing.assert_array_equal(np.sort(rows), np.arange(8))
 
 
+def test_preprocess_records_an_input_path_of_any_length_without_a_truncation_warning(
+        tmp_path, capsys, simulated, monkeypatch):
+    import shutil
+    import warnings
+    from pathlib import Path
+
+    from astropy.io.fits.verify import VerifyWarning
+
+    monkeypatch.chdir(tmp_path)  # relative paths: their length is the test's to choose
+    # 54-67 characters: the path fits one card but its comment would not (astropy warned)
+    for length in (30, 60, 100):
+        stamps = Path("d" * (length - len("/s.fits"))) / "s.fits"
+        stamps.parent.mkdir()
+        shutil.copy(simulated, stamps)
+        out = Path(f"lensing{length}.fits")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", VerifyWarning)
+            code, _, _ = _run(capsys, "data", "preprocess", "--task", "lensing", "--in",
+                              stamps, "--snr-min", "0", "--snr-max", "1e9", "--out", out)
+        assert code == 0 and fits.getheader(out)["SOURCE"] == str(stamps)
+
+
 def test_preprocess_deblending_simulated(tmp_path, capsys):
     out = tmp_path / "deblend.fits"
     code, stdout, _ = _run(capsys, "data", "preprocess", "--task", "deblending", "--simulate",
