@@ -29,6 +29,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from tfhybrid.io import atomic_path, write_json_atomic
 from tfhybrid.validation import TfhybridInputError
@@ -325,6 +326,8 @@ def fit_resumable(
                 initial_epoch=initial_epoch,
                 callbacks=cbs,
                 verbose=verbose,
+                # a tf.data pipeline shuffles itself (Keras ignores the flag then, and warns)
+                shuffle=not isinstance(train_data, tf.data.Dataset),
             )
         elif restore_best:
             ckpt.on_train_end()
