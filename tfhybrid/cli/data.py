@@ -493,10 +493,8 @@ def run_preprocess(args) -> int:
                   "PSFFWHM": (args.psf_fwhm, "[arcsec] survey PSF FWHM"),
                   "AUGMENT": (not args.no_augment, "random rotations and flips")}
     header["SEED"] = (args.seed, "seed of simulation, augmentation and split")
-    source = str(args.input) if args.input else f"simulated {args.simulate}"
-    # a comment that does not fit the card beside a long path would be truncated (astropy
-    # warns); a longer path continues over CONTINUE cards
-    header["SOURCE"] = (source, "input stamps") if len(source) <= 50 else source
+    header["SOURCE"] = (str(args.input) if args.input else f"simulated {args.simulate}",
+                        "input stamps")
     if sum(len(v) for v in sets.values()) == 0:
         raise _error(f"no stamp of the {n_in} inputs passed the {args.task} cuts; nothing to write")
     write_image_sets_fits(out, sets, tables=tables, header=header, overwrite=args.overwrite)

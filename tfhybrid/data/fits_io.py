@@ -90,6 +90,23 @@ def _header_card(header, key: str, value, comment: str) -> None:
         header[key] = (value, comment)
 
 
+def _provenance_card(header, key: str, value) -> None:
+    """``header[key] = value`` for a caller's ``value`` or ``(value, comment)``, without the
+    comment where it would not fit the card beside the value (astropy would truncate it, with a
+    ``VerifyWarning``; e.g. a 54–67 character path)."""
+    from astropy.io import fits
+    from astropy.io.fits.verify import VerifyWarning
+
+    if isinstance(value, tuple) and len(value) == 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", VerifyWarning)
+            try:
+                _ = fits.Card(key, *value).image
+            except VerifyWarning:
+                value = value[0]
+    header[key] = value
+
+
 def write_stamps_fits(
     path: str | os.PathLike,
     stamps: GalaxyStamps | np.ndarray,
@@ -222,7 +239,7 @@ def write_stamps_fits(
     h["STAMPNX"] = (nx, "[pixel] stamp width (axis x)")
     h["BUNIT"] = ("electron/s", "stamp pixel values")
     for key, value in (header or {}).items():
-        h[key] = value
+        _provenance_card(h, key, value)
 
     hdus = [primary, fits.ImageHDU(images, name="IMAGES")]
     if noiseless is not None:
@@ -409,7 +426,7 @@ def write_image_sets_fits(
     primary.header["TFHVER"] = (__version__, "tfhybrid version that wrote this file")
     primary.header["SETS"] = (",".join(s.upper() for s in sets), "image-set extensions")
     for key, value in (header or {}).items():
-        primary.header[key] = value
+        _provenance_card(primary.header, key, value)
     hdus = [primary]
     for name, images in sets.items():
         arr = np.asarray(images, dtype=np.float32)
