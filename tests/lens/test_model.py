@@ -19,7 +19,13 @@ from tfhybrid.lens.fit import (
     polish_with_source_residual,
     sample_lens_posterior,
 )
-from tfhybrid.lens.model import STATE_NAMES, LensPosterior, LensPriorConfig, parameter_prior
+from tfhybrid.lens.model import (
+    STATE_NAMES,
+    LensPosterior,
+    LensPriorConfig,
+    normal_log_density,
+    parameter_prior,
+)
 from tfhybrid.physics.lensing import PARAM_NAMES, LensingConfig, simulate_lensed_image
 from tfhybrid.physics.source_residual import SourceResidualConfig
 from tfhybrid.validation import TfhybridInputError
@@ -120,6 +126,60 @@ def test_joint_distribution_matches_target_and_hand_computation(vae, problem):
     # sampling the joint gives a complete system
     draw = jd.sample(seed=(4, 2))
     assert draw["observed"].shape == (1, 64, 64) and draw["z"].shape == (1, 8)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+def test_closed_form_prior_equals_the_joint_distributions_log_prob(vae, problem, dtype):
+    """log_prior sums normal_log_density instead of calling the JD: same density and gradient.
+
+    Tolerances: float32 rounding of terms of size ~1–50 (4 ulp ≈ 2e-6 absolute at 50); in
+    float64 the normalisers (scipy-free erfc in float64 against TFP's log_ndtr) agree to 1e-12.
+    Points: prior draws, the truncation bounds (finite) and just outside them (−inf), and a
+    far upper tail (the normaliser from the upper tail, where 1 − Φ loses its digits).
+    """
+    jd = parameter_prior(dtype=dtype)
+    draws = jd.sample(2000, seed=(3, 9))
+    atol = 2e-6 if dtype == tf.float32 else 1e-12
+    for name, dist in jd.model.items():
+        density = normal_log_density(dist)
+        assert density is not None, name
+        np.testing.assert_allclose(density(draws[name]).numpy(), dist.log_prob(draws[name]),
+                                   rtol=0, atol=atol * 25, err_msg=name)
+        if isinstance(dist, tfp.distributions.TruncatedNormal):
+            low, high = float(dist.low), float(dist.high)
+            edges = tf.constant([low, high, low - 1e-3, high + 1e-3], dtype)
+            got, want = density(edges).numpy(), dist.log_prob(edges).numpy()
+            np.testing.assert_allclose(got[:2], want[:2], rtol=0, atol=atol * 25, err_msg=name)
+            assert np.all(got[2:] == -np.inf) and np.all(want[2:] == -np.inf), name
+    tail = tfp.distributions.TruncatedNormal(tf.constant(0.0, tf.float64),
+                                             tf.constant(1.0, tf.float64),
+                                             tf.constant(9.0, tf.float64),
+                                             tf.constant(9.5, tf.float64))
+    x = tf.constant([9.0, 9.2, 9.5], tf.float64)
+    np.testing.assert_allclose(normal_log_density(tail)(x).numpy(), tail.log_prob(x).numpy(),
+                               rtol=1e-9)
+    # non-constant or other distributions are not rewritten
+    assert normal_log_density(tfp.distributions.Laplace(0.0, 1.0)) is None
+    assert normal_log_density(tfp.distributions.Normal(tf.zeros(3), 1.0)) is None
+
+    # the posterior's log_prior and its gradient against the JD's log_prob + the latent prior
+    post = LensPosterior(problem["observed"], SIGMA, vae, CONFIG)
+    assert post._prior_terms is not None  # the closed form is what is under test
+    state = [tf.constant(np.asarray(p)) for p in post.initial_states(6, seed=2)]
+
+    def both(parts):
+        params = dict(zip(PARAM_NAMES, parts[:-1], strict=True))
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(parts)
+            fast = post.log_prior(params, parts[-1])
+            slow = post.parameter_prior().log_prob(params) + vae.latent_prior.log_prob(parts[-1])
+        return fast, slow, tape.gradient(fast, parts), tape.gradient(slow, parts)
+
+    fast, slow, g_fast, g_slow = both(state)
+    assert fast.shape == (6, 1)
+    np.testing.assert_allclose(fast.numpy(), slow.numpy(), rtol=0, atol=1e-5)
+    for name, a, b in zip(STATE_NAMES, g_fast, g_slow, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_batched_systems_equal_separate(vae, problem):

@@ -32,7 +32,8 @@ their relative rounding error, ~1e-6, is far below the posterior's curvature sca
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,6 +59,7 @@ __all__ = [
     "STATE_NAMES",
     "LensPriorConfig",
     "LensPosterior",
+    "normal_log_density",
     "parameter_prior",
 ]
 
@@ -101,6 +103,60 @@ def parameter_prior(prior: LensPriorConfig | None = None, dtype=tf.float32):
     parts["gamma1"] = tfd.Normal(zero, std)
     parts["gamma2"] = tfd.Normal(zero, std)
     return tfd.JointDistributionNamed(parts)
+
+
+def _constant(value):
+    """A tensor's value as a float64 array when it is known without running a graph, else None."""
+    static = tf.get_static_value(value)
+    return None if static is None else np.asarray(static, np.float64)
+
+
+def _log_normal_cdf_difference(a: float, b: float) -> float:
+    """log(Φ(b) − Φ(a)) for a < b, in float64, from the tail that keeps its precision."""
+    if a > 0.0:  # both in the upper tail: Φ(b) − Φ(a) = Φ(−a) − Φ(−b)
+        a, b = -b, -a
+    return math.log(0.5 * math.erfc(-b / math.sqrt(2.0)) - 0.5 * math.erfc(-a / math.sqrt(2.0)))
+
+
+def normal_log_density(dist) -> Callable[[tf.Tensor], tf.Tensor] | None:
+    """``x ↦ dist.log_prob(x)`` in closed form for a ``tfd.Normal`` or ``tfd.TruncatedNormal``
+    of constant scalar parameters, else None.
+
+    ``−½((x − μ)/σ)² + c`` with ``c = −log σ − ½ log 2π − log Z`` computed once, in float64
+    (``Z = Φ((high − μ)/σ) − Φ((low − μ)/σ)`` for the truncated normal, which is −inf outside
+    ``[low, high]``, as TFP's is). The same density as TFP's ``log_prob`` to float32 rounding
+    (tested), in 6 graph operations instead of ~200 (TFP evaluates the truncated normal's log
+    normaliser in the graph): the 12 parameter priors traced in 0.6 s and 1 156 operations
+    through the joint distribution's ``log_prob``; every traced posterior (each optimiser
+    stage, the polish, HMC) carries them, and their gradient.
+    """
+    if type(dist) not in (tfd.Normal, tfd.TruncatedNormal):
+        return None
+    loc, scale = _constant(dist.loc), _constant(dist.scale)
+    if loc is None or scale is None or loc.ndim or scale.ndim or not scale > 0:
+        return None
+    const = -math.log(float(scale)) - 0.5 * math.log(2.0 * math.pi)
+    bounds = None
+    if isinstance(dist, tfd.TruncatedNormal):
+        low, high = _constant(dist.low), _constant(dist.high)
+        if low is None or high is None or low.ndim or high.ndim or not low < high:
+            return None
+        const -= _log_normal_cdf_difference(float((low - loc) / scale),
+                                            float((high - loc) / scale))
+        bounds = (float(low), float(high))
+    dtype = dist.dtype
+    np_dtype = dtype.as_numpy_dtype
+    loc_c, scale_c, const_c = (np_dtype(v) for v in (float(loc), float(scale), const))
+
+    def log_density(x):
+        x = tf.convert_to_tensor(x, dtype)
+        lp = const_c - np_dtype(0.5) * tf.square((x - loc_c) / scale_c)
+        if bounds is None:
+            return lp
+        outside = (x < np_dtype(bounds[0])) | (x > np_dtype(bounds[1]))
+        return tf.where(outside, np_dtype(-np.inf), lp)
+
+    return log_density
 
 
 @dataclass
@@ -174,6 +230,11 @@ class LensPosterior:
         self._simulator = shared_simulator(self.config)
         self._source_shape = (IMAGE_SIZE, IMAGE_SIZE)  # the VAE decoder's stamp
         self._param_prior = parameter_prior(self.prior, dtype)
+        # the parameter priors in closed form where they are constant normals (all 12 of the
+        # paper's): log_prior sums them instead of calling the joint distribution's log_prob
+        terms = {k: normal_log_density(d) for k, d in self._param_prior.model.items()}
+        closed = set(terms) == set(PARAM_NAMES) and all(t is not None for t in terms.values())
+        self._prior_terms = terms if closed else None
         self._latent_prior = self.vae.latent_prior
         self._residual_sigma = None
         if self.source_residual is not None:
@@ -348,8 +409,20 @@ class LensPosterior:
         )
 
     def log_prior(self, params: Mapping, z) -> tf.Tensor:
-        """log p(Θ_lens) + log p(θ_src, s, ι) + log p(z), shape ``lead``."""
-        lp = self._param_prior.log_prob({k: tf.cast(params[k], self.dtype) for k in PARAM_NAMES})
+        """log p(Θ_lens) + log p(θ_src, s, ι) + log p(z), shape ``lead``.
+
+        The parameter priors' ``log_prob`` (:meth:`parameter_prior`); for the paper's priors,
+        which are independent constant normals, summed in closed form
+        (:func:`normal_log_density`), the same density to float32 rounding.
+        """
+        values = {k: tf.cast(params[k], self.dtype) for k in PARAM_NAMES}
+        if self._prior_terms is None:
+            lp = self._param_prior.log_prob(values)
+        else:
+            terms = [self._prior_terms[k](values[k]) for k in PARAM_NAMES]
+            lp = terms[0]
+            for term in terms[1:]:  # broadcasting, as the joint distribution's sum does
+                lp = lp + term
         return lp + tf.cast(self._latent_prior.log_prob(tf.cast(z, tf.float32)), self.dtype)
 
     def target_log_prob(self, *parts) -> tf.Tensor:
