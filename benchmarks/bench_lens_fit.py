@@ -31,10 +31,13 @@ The paper's reference (Chianese et al. 2020, section 5.2-5.3, CPU): ~20 min per 
 for the HMC chain of one system. Timings on a shared machine vary with its load; the script
 prints the load average next to the table.
 
+With ``--compile-cache DIR``, XLA's compiled programs are kept in DIR (as the ``tfhybrid``
+command keeps them by default): run the benchmark twice to time a second fit of the same size.
+
 Usage::
 
     nice -n 10 python benchmarks/bench_lens_fit.py [--quick] [--batches 1 8 32] \
-        [--source-residual 24]
+        [--source-residual 24] [--compile-cache DIR]
 """
 
 from __future__ import annotations
@@ -166,8 +169,19 @@ def main(argv=None):
     p.add_argument("--source-residual", type=int, default=0, metavar="M",
                    help="also time the source-residual stage (M x M grid: evidence + polish, "
                         "then HMC of that posterior); 0: off")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="keep XLA's compiled programs in DIR (tfhybrid.physics.xla."
+                        "enable_compile_cache, as the tfhybrid command does by default); run "
+                        "twice to time a warm cache. Default: none, every program compiled")
     args = p.parse_args(argv)
 
+    if args.compile_cache:
+        from tfhybrid.physics.xla import enable_compile_cache
+
+        cache = enable_compile_cache(args.compile_cache)
+        found = len(list(cache.glob("*.pb")))
+        print(f"# compile cache {cache}: {found} programs found "
+              f"({'warm' if found else 'cold'})", flush=True)
     from tfhybrid.lens.mocks import make_mocks
     from tfhybrid.priors.vae import load_default_vae
 

@@ -69,3 +69,43 @@ def test_error_is_one_line_without_traceback(tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("tfhybrid data: error:") and "none.fits does not exist" in err
     assert "--debug" in err
+
+
+def test_default_compile_cache_follows_the_environment(monkeypatch, tmp_path):
+    from tfhybrid.cli.main import default_compile_cache
+
+    monkeypatch.delenv("TFHYBRID_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_compile_cache() == str(tmp_path / "xdg" / "tfhybrid" / "xla")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_compile_cache() == str(tmp_path / "home" / ".cache" / "tfhybrid" / "xla")
+    monkeypatch.setenv("TFHYBRID_COMPILE_CACHE", "off")
+    assert default_compile_cache() == "off"
+
+
+@pytest.mark.parametrize("how", ["default", "option", "off"])
+def test_the_command_uses_a_compile_cache_by_default(tmp_path, how):
+    """In a fresh process the command enables the cache (default location, or --compile-cache
+    DIR), or not with --compile-cache off; its staging directory is gone when it exits."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TFHYBRID_COMPILE_CACHE",
+                                                            "TF_XLA_FLAGS")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), TF_CPP_MIN_LOG_LEVEL="2")
+    option = {"default": [], "option": ["--compile-cache", str(tmp_path / "mine")],
+              "off": ["--compile-cache", "off"]}[how]
+    argv = [sys.executable, "-m", "tfhybrid", *option, "data", "simulate", "--n", "2",
+            "--stamp-size", "16", "--workers", "1", "--no-progress", "--out",
+            str(tmp_path / "sim")]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    root = {"default": tmp_path / "xdg" / "tfhybrid" / "xla", "option": tmp_path / "mine",
+            "off": None}[how]
+    if root is None:
+        assert not (tmp_path / "xdg" / "tfhybrid").exists() and not (tmp_path / "mine").exists()
+        return
+    (keyed,) = root.iterdir()
+    assert keyed.name.startswith("tf") and not list(keyed.glob(".staging-*"))

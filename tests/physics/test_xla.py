@@ -123,28 +123,91 @@ def test_lensing_simulator_gradient_compiles_with_the_parameters_as_parameters()
     assert hlo_shape(x) in entry_parameter_shapes(value_and_gradient, x)
 
 
-def test_compile_cache_keeps_compiled_programs_for_later_processes(tmp_path):
-    """A fresh process with the cache enabled writes its compiled program under a
-    TensorFlow-version / machine / CPU key; other TF_XLA_FLAGS are kept."""
+def _run_with_cache(cache, compile_twice: bool = False, exit_hard: bool = False):
+    """A fresh process that enables the cache in ``cache`` and runs one XLA-compiled function
+    (two of different shapes with ``compile_twice``); ``exit_hard`` ends it with ``os._exit``
+    (no atexit handlers, as a killed process). Returns the shared subdirectory it printed."""
     import os
     import subprocess
     import sys
 
     script = (
-        "import os, tensorflow as tf\n"
+        "import os, sys, tensorflow as tf\n"
         "from tfhybrid.physics.xla import enable_compile_cache\n"
-        f"path = enable_compile_cache({str(tmp_path / 'cache')!r})\n"
+        f"path = enable_compile_cache({str(cache)!r})\n"
+        "assert enable_compile_cache(" + repr(str(cache)) + ") == path  # idempotent\n"
         "assert '--tf_xla_auto_jit=0' in os.environ['TF_XLA_FLAGS']\n"
         "f = tf.function(lambda x: tf.reduce_sum(tf.sin(x) ** 2), jit_compile=True)\n"
         "f(tf.ones([8]))\n"
-        "print(path)\n"
+        + ("f(tf.ones([5]))\n" if compile_twice else "")
+        + "print(path, flush=True)\n"
+        + ("os._exit(0)\n" if exit_hard else "")
     )
     env = dict(os.environ, TF_XLA_FLAGS="--tf_xla_auto_jit=0", TF_CPP_MIN_LOG_LEVEL="2")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, check=True).stdout.strip().splitlines()[-1]
-    path = tmp_path / "cache" / os.path.basename(out)
+    return cache / os.path.basename(out)
+
+
+def test_compile_cache_keeps_compiled_programs_for_later_processes(tmp_path):
+    """A fresh process with the cache enabled publishes its compiled program under a
+    TensorFlow-version / machine / CPU key when it exits (other TF_XLA_FLAGS are kept); a
+    second process reuses it (publishes nothing new), a third compiling one more shape adds
+    exactly that program, and no staging directory is left behind."""
+    path = _run_with_cache(tmp_path / "cache")
     assert path.is_dir() and path.name.startswith(f"tf{tf.__version__}-")
-    assert any(p.suffix == ".pb" for p in path.iterdir())
+    programs = {p.name: p.stat().st_mtime_ns for p in path.glob("*.pb")}
+    assert len(programs) == 1
+    assert not list(path.glob(".staging-*"))
+
+    assert _run_with_cache(tmp_path / "cache") == path
+    assert {p.name: p.stat().st_mtime_ns for p in path.glob("*.pb")} == programs  # a hit
+
+    _run_with_cache(tmp_path / "cache", compile_twice=True)
+    after = {p.name: p.stat().st_mtime_ns for p in path.glob("*.pb")}
+    assert len(after) == 2 and all(after[name] == t for name, t in programs.items())
+    assert not list(path.glob(".staging-*"))
+
+
+def test_compile_cache_never_publishes_what_a_killed_process_wrote(tmp_path):
+    """TensorFlow fails every later compile of a graph whose cached program is half-written
+    ("Read less bytes than requested"), so a process that dies before exiting cleanly must
+    publish nothing: its staging directory stays aside, and the next process removes it
+    and runs normally (it compiles the program again and publishes it)."""
+    import os
+
+    path = _run_with_cache(tmp_path / "cache", exit_hard=True)
+    assert not list(path.glob("*.pb"))
+    (staging,) = path.glob(".staging-*")
+    assert list(staging.glob("*.pb"))  # written there, never published
+    for program in staging.glob("*.pb"):  # as a write cut short would leave it
+        program.write_bytes(program.read_bytes()[:100])
+    # a staging directory of another host, too recent to be judged stale, is left alone
+    other = path / ".staging-otherhost-1-abc"
+    other.mkdir()
+    (other / "x.pb").write_bytes(b"partial")
+
+    _run_with_cache(tmp_path / "cache")
+    assert not staging.exists() and other.exists()
+    (program,) = path.glob("*.pb")
+    assert program.stat().st_size > 1000
+    old = os.stat(other).st_mtime - 8 * 86400
+    os.utime(other, (old, old))
+    _run_with_cache(tmp_path / "cache")
+    assert not other.exists()
+
+
+def test_compile_cache_refuses_a_late_call(tmp_path):
+    """After TensorFlow's runtime has started (this test process ran ops), the flag would be
+    ignored: a clear error instead of a silently unused cache."""
+    import pytest
+
+    from tfhybrid.physics.xla import enable_compile_cache
+    from tfhybrid.validation import TfhybridInputError
+
+    tf.constant(1.0) + 1.0
+    with pytest.raises(TfhybridInputError, match="before TensorFlow runs its first operation"):
+        enable_compile_cache(tmp_path / "late")
 
 
 def test_compile_cache_refuses_an_unusable_directory(tmp_path):

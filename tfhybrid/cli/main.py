@@ -13,6 +13,20 @@ import importlib
 import os
 import sys
 
+#: ``--compile-cache`` / ``$TFHYBRID_COMPILE_CACHE`` values that turn the cache off
+COMPILE_CACHE_OFF = ("off", "none", "0", "")
+
+
+def default_compile_cache() -> str:
+    """Where ``tfhybrid`` keeps XLA's compiled programs unless told otherwise:
+    ``$TFHYBRID_COMPILE_CACHE`` if set (``off`` turns the cache off), else
+    ``$XDG_CACHE_HOME/tfhybrid/xla`` (``~/.cache/tfhybrid/xla``)."""
+    if "TFHYBRID_COMPILE_CACHE" in os.environ:
+        return os.environ["TFHYBRID_COMPILE_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tfhybrid", "xla")
+
+
 # Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMAND_MODULES = (
     "tfhybrid.cli.demo",
@@ -39,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show full tracebacks and TensorFlow logging"
     )
     parser.add_argument(
-        "--compile-cache", metavar="DIR", default=os.environ.get("TFHYBRID_COMPILE_CACHE"),
-        help="keep XLA's compiled programs in DIR for later runs (a second lens fit of the "
-             "same size skips ~13 s of compilation; default: $TFHYBRID_COMPILE_CACHE, else off)",
+        "--compile-cache", metavar="DIR", default=None,
+        help="keep XLA's compiled programs in DIR for later runs: a second lens fit of the "
+             "same size skips ~20 s of compilation (default: $TFHYBRID_COMPILE_CACHE, else "
+             "~/.cache/tfhybrid/xla; 'off' for none)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
@@ -66,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     try:
-        if args.compile_cache:
-            from tfhybrid.physics.xla import enable_compile_cache
-
-            enable_compile_cache(args.compile_cache)
+        _enable_compile_cache(args.compile_cache)
         code = args.func(args)
     except KeyboardInterrupt:
         print("tfhybrid: interrupted", file=sys.stderr)
@@ -84,6 +96,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     return int(code or 0)
+
+
+def _enable_compile_cache(requested: str | None) -> None:
+    """The compile cache of ``--compile-cache`` (an error if it cannot be used), else the
+    default one (:func:`default_compile_cache`), skipped with a one-line note when its
+    directory cannot be used and silently when TensorFlow already runs in this process (the
+    CLI called from Python)."""
+    from tfhybrid.physics.xla import enable_compile_cache, runtime_started
+    from tfhybrid.validation import TfhybridInputError
+
+    directory = default_compile_cache() if requested is None else requested
+    if directory.strip().lower() in COMPILE_CACHE_OFF:
+        return
+    if requested is None and "TFHYBRID_COMPILE_CACHE" not in os.environ:
+        if runtime_started():
+            return
+        try:
+            enable_compile_cache(directory)
+        except TfhybridInputError as err:
+            print(f"tfhybrid: note: no compile cache ({err}); --compile-cache DIR to choose "
+                  "one, off to silence this", file=sys.stderr)
+        return
+    enable_compile_cache(directory)
 
 
 if __name__ == "__main__":

@@ -88,27 +88,131 @@ def _host_key() -> str:
     return f"tf{tf.__version__}-{platform.machine()}-{digest}"
 
 
+#: Staging directories of processes that died without publishing are removed after this long
+#: (seconds) when their owner cannot be checked (another host).
+_STALE_STAGING_S = 7 * 86400
+_enabled: dict = {}
+
+
+def runtime_started() -> bool:
+    """Whether TensorFlow's runtime is initialised (it parses TF_XLA_FLAGS then, once)."""
+    try:
+        from tensorflow.python.eager import context
+
+        return bool(context.context()._initialized)
+    except (ImportError, AttributeError):  # internal API gone: cannot tell, assume not
+        return False
+
+
+def _host_name() -> str:
+    """This host's name as it appears in staging directory names (no '-')."""
+    import socket
+
+    return socket.gethostname().replace("-", "_")
+
+
+def _remove_stale_staging(path: Path) -> None:
+    """Remove the staging directories of processes that are gone (killed before publishing:
+    what they hold may be half-written, so it is dropped, never published). The owner is
+    checked by process id on this host; another host's are removed after a week."""
+    import os
+    import shutil
+    import time
+
+    host = _host_name()
+    for staging in path.glob(".staging-*"):
+        try:
+            _, owner_host, pid, _ = staging.name.split("-", 3)
+        except ValueError:
+            owner_host, pid = "", ""
+        gone = False
+        if owner_host == host and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                gone = True
+            except OSError:  # exists, owned by another user
+                pass
+        else:
+            try:
+                gone = time.time() - staging.stat().st_mtime > _STALE_STAGING_S
+            except OSError:
+                continue
+        if gone:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    import os
+    import shutil
+
+    try:
+        os.link(source, target)
+    except OSError:
+        try:
+            os.symlink(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+
+
+def _publish(staging: Path, path: Path, linked: set) -> int:
+    """Move the programs this process compiled from ``staging`` into the shared ``path``, each
+    with one atomic rename, then remove ``staging``. Returns how many were published."""
+    import os
+    import shutil
+
+    published = 0
+    try:
+        for entry in staging.glob("*.pb"):
+            if entry.name in linked or entry.is_symlink():
+                continue
+            try:
+                os.replace(entry, path / entry.name)
+                published += 1
+            except OSError:
+                pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return published
+
+
 def enable_compile_cache(directory) -> Path:
     """Keep XLA's compiled programs in ``directory`` so later processes reuse them.
 
-    Each ``jit_compile`` graph (the lensing fit compiles five, ~24 s on a 2-core CPU) is then
-    compiled once per input shape and machine, not once per process: a second MAP of a
-    system of the same size (with the source residual) took 64.3 s instead of 77.2 s on the
-    same machine, with bit-identical results (measured 2026-11-25). Programs go to a
-    subdirectory keyed by the TensorFlow version, the machine and its CPU features (a program
-    compiled for one CPU must not run on another). Sets TensorFlow's
-    ``TF_XLA_FLAGS=--tf_xla_persistent_cache_directory``, which TensorFlow reads once, when
-    the process first compiles with XLA: call this before any compiled function runs. The
-    cache is never pruned (~25 MB per fit configuration); delete the directory to clear it.
-    Returns the subdirectory used.
+    Each ``jit_compile`` graph (the lensing fit with the source residual compiles twelve,
+    ~20 s of its wall time on a 2-core CPU) is then compiled once per input shape and
+    machine, not once per process: a second MAP of the benchmark system with the residual
+    took 83.3 s instead of 102–104 s on the same machine, with bit-identical results
+    (``fit_map``, fresh processes, 2026-11-26). Programs go to a subdirectory keyed by the
+    TensorFlow version, the machine and its CPU features (a program compiled for one CPU
+    must not run on another).
+
+    TensorFlow (``TF_XLA_FLAGS=--tf_xla_persistent_cache_directory``) writes each program
+    straight to its final name and fails every later compile of that graph if it finds a
+    half-written one ("Read less bytes than requested"): a run killed while writing, or one
+    reading while another writes, would break the cache for good. So each process reads and
+    writes a staging directory of its own (the shared programs hard-linked into it), and at
+    exit moves the programs it compiled into the shared directory, each with one atomic
+    rename. A process killed before exiting publishes nothing; its staging directory is
+    removed by a later call. Concurrent processes are safe (the last to publish a program
+    wins; both copies are complete).
+
+    Call it before TensorFlow runs its first operation: TensorFlow reads the flag once, when
+    its runtime starts (a :class:`TfhybridInputError` says so otherwise). Calling it again
+    with the same directory returns the same path. The cache is never pruned (~25 MB per
+    fit configuration); delete the directory to clear it. Returns the shared subdirectory.
     """
+    import atexit
     import os
     import shlex
+    import tempfile
 
     from tfhybrid.validation import TfhybridInputError
 
     root = Path(directory).expanduser()
     path = root / _host_key()
+    if _enabled.get("path") == path:
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -116,8 +220,24 @@ def enable_compile_cache(directory) -> Path:
             from err
     if not os.access(path, os.W_OK):
         raise TfhybridInputError(f"the compile cache directory {path} is not writable")
+    if _enabled or runtime_started():
+        raise TfhybridInputError(
+            "enable_compile_cache must be called before TensorFlow runs its first operation "
+            "(it reads TF_XLA_FLAGS once, when its runtime starts), and once per process: "
+            "call it at the top of the script or notebook, or use `tfhybrid --compile-cache "
+            "DIR ...`"
+        )
+    _remove_stale_staging(path)
+    staging = Path(tempfile.mkdtemp(
+        prefix=f".staging-{_host_name()}-{os.getpid()}-", dir=path))
+    linked = set()
+    for entry in path.glob("*.pb"):
+        _link_or_copy(entry, staging / entry.name)
+        linked.add(entry.name)
     flags = [f for f in shlex.split(os.environ.get("TF_XLA_FLAGS", ""))
              if not f.startswith(_CACHE_FLAG)]
-    flags.append(f"{_CACHE_FLAG}={path}")
+    flags.append(f"{_CACHE_FLAG}={staging}")
     os.environ["TF_XLA_FLAGS"] = " ".join(shlex.quote(f) for f in flags)
+    atexit.register(_publish, staging, path, linked)
+    _enabled.update(path=path, staging=staging)
     return path
