@@ -107,3 +107,39 @@ def test_the_command_uses_a_compile_cache_by_default(tmp_path, how):
         return
     (keyed,) = (tmp_path / "xdg" / "tfhybrid" / "xla").iterdir()
     assert keyed.name.startswith("tf") and not list(keyed.glob(".staging-*"))
+
+
+def test_cache_info_and_clear(capsys, tmp_path):
+    """`cache info` counts the programs per key; `cache clear` deletes them and a killed
+    process's staging directory but leaves a running one's (this process's id) and any file
+    that is not the cache's own."""
+    import os
+    import socket
+
+    root = tmp_path / "cc"
+    keyed = root / "tf2.99.0-x86_64-abc"
+    keyed.mkdir(parents=True)
+    for i, size in enumerate((1000, 3000)):
+        (keyed / f"xla_compile_cache__{i}__XLA_CPU_JIT.pb").write_bytes(b"x" * size)
+    host = socket.gethostname().replace("-", "_")
+    live = keyed / f".staging-{host}-{os.getpid()}-live"
+    dead = keyed / f".staging-{host}-999999999-dead"
+    for d in (live, dead):
+        d.mkdir()
+    (root / "notes.txt").write_text("mine")
+
+    assert main(["--compile-cache", str(root), "cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert "2 programs, 0.0 MB" in out and "tf2.99.0-x86_64-abc: 2 programs" in out
+    assert "2 staging" in out
+
+    assert main(["--compile-cache", str(root), "cache", "clear"]) == 0
+    assert "removed 2 programs" in capsys.readouterr().out
+    assert not list(keyed.glob("*.pb")) and live.exists() and not dead.exists()
+    assert (root / "notes.txt").read_text() == "mine"
+
+    assert main(["--compile-cache", "off", "cache", "info"]) == 0
+    assert "off" in capsys.readouterr().out
+    assert main(["--compile-cache", str(tmp_path / "none"), "cache", "info"]) == 0
+    assert "0 programs" in capsys.readouterr().out
+    assert main(["cache"]) == 2  # no action: its help

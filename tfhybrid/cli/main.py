@@ -34,6 +34,7 @@ SUBCOMMAND_MODULES = (
     "tfhybrid.cli.train",
     "tfhybrid.cli.lens",
     "tfhybrid.cli.deblend",
+    "tfhybrid.cli.cache",
 )
 
 
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     try:
-        _enable_compile_cache(args.compile_cache)
+        if args.command != "cache":  # that one looks at the cache, it does not compile
+            _enable_compile_cache(args.compile_cache)
         code = args.func(args)
     except KeyboardInterrupt:
         print("tfhybrid: interrupted", file=sys.stderr)

@@ -200,7 +200,8 @@ def enable_compile_cache(directory) -> Path:
     Call it before TensorFlow runs its first operation: TensorFlow reads the flag once, when
     its runtime starts (a :class:`TfhybridInputError` says so otherwise). Calling it again
     with the same directory returns the same path. The cache is never pruned (~25 MB per
-    fit configuration); delete the directory to clear it. Returns the shared subdirectory.
+    fit configuration): :func:`clear_compile_cache` (``tfhybrid cache clear``) empties it.
+    Returns the shared subdirectory.
     """
     import atexit
     import os
@@ -241,3 +242,41 @@ def enable_compile_cache(directory) -> Path:
     atexit.register(_publish, staging, path, linked)
     _enabled.update(path=path, staging=staging)
     return path
+
+
+def compile_cache_contents(directory) -> list[dict]:
+    """What a compile cache holds: one dict per TensorFlow-version / machine / CPU key
+    (``key``, ``programs``, ``bytes``, ``staging``: the staging directories of running or
+    killed processes). Empty if ``directory`` does not exist."""
+    root = Path(directory).expanduser()
+    out = []
+    if not root.is_dir():
+        return out
+    for keyed in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("tf")):
+        programs = [p for p in keyed.glob("*.pb") if p.is_file()]
+        out.append(dict(key=keyed.name, programs=len(programs),
+                        bytes=sum(p.stat().st_size for p in programs),
+                        staging=len(list(keyed.glob(".staging-*")))))
+    return out
+
+
+def clear_compile_cache(directory) -> tuple[int, int]:
+    """Delete a compile cache's programs (every key) and the staging directories of processes
+    that are gone; a running process's staging directory is left to it. Only the cache's own
+    layout is touched (``<key>/*.pb``, ``<key>/.staging-*``). Returns (programs, bytes)."""
+    root = Path(directory).expanduser()
+    removed = size = 0
+    if not root.is_dir():
+        return removed, size
+    for keyed in (p for p in root.iterdir() if p.is_dir() and p.name.startswith("tf")):
+        for program in keyed.glob("*.pb"):
+            if program.is_file():
+                size += program.stat().st_size
+                program.unlink()
+                removed += 1
+        _remove_stale_staging(keyed)
+        try:
+            keyed.rmdir()  # only if nothing (a live staging directory) is left in it
+        except OSError:
+            pass
+    return removed, size
