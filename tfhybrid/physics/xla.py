@@ -195,7 +195,9 @@ def enable_compile_cache(directory) -> Path:
     exit moves the programs it compiled into the shared directory, each with one atomic
     rename. A process killed before exiting publishes nothing; its staging directory is
     removed by a later call. Concurrent processes are safe (the last to publish a program
-    wins; both copies are complete).
+    wins; both copies are complete). Processes this one starts afterwards inherit
+    ``TF_XLA_FLAGS``, so they share its staging directory (what they compile is published
+    with this process's programs, at its exit); one that calls this function gets its own.
 
     Call it before TensorFlow runs its first operation: TensorFlow reads the flag once, when
     its runtime starts (a :class:`TfhybridInputError` says so otherwise). Calling it again
