@@ -132,24 +132,25 @@ def test_joint_distribution_matches_target_and_hand_computation(vae, problem):
 def test_closed_form_prior_equals_the_joint_distributions_log_prob(vae, problem, dtype):
     """log_prior sums normal_log_density instead of calling the JD: same density and gradient.
 
-    Tolerances: float32 rounding of terms of size ~1–50 (4 ulp ≈ 2e-6 absolute at 50); in
-    float64 the normalisers (scipy-free erfc in float64 against TFP's log_ndtr) agree to 1e-12.
+    Tolerances: float32 rounding of terms of size up to ~50 (1 ulp there is 3.8e-6: atol 1e-5,
+    ~3 ulp; measured worst 4.8e-7); in float64 the normalisers (erfc in float64 against TFP's
+    log_ndtr) and the terms agree to 1e-12.
     Points: prior draws, the truncation bounds (finite) and just outside them (−inf), and a
     far upper tail (the normaliser from the upper tail, where 1 − Φ loses its digits).
     """
     jd = parameter_prior(dtype=dtype)
     draws = jd.sample(2000, seed=(3, 9))
-    atol = 2e-6 if dtype == tf.float32 else 1e-12
+    atol = 1e-5 if dtype == tf.float32 else 1e-12
     for name, dist in jd.model.items():
         density = normal_log_density(dist)
         assert density is not None, name
         np.testing.assert_allclose(density(draws[name]).numpy(), dist.log_prob(draws[name]),
-                                   rtol=0, atol=atol * 25, err_msg=name)
+                                   rtol=0, atol=atol, err_msg=name)
         if isinstance(dist, tfp.distributions.TruncatedNormal):
             low, high = float(dist.low), float(dist.high)
             edges = tf.constant([low, high, low - 1e-3, high + 1e-3], dtype)
             got, want = density(edges).numpy(), dist.log_prob(edges).numpy()
-            np.testing.assert_allclose(got[:2], want[:2], rtol=0, atol=atol * 25, err_msg=name)
+            np.testing.assert_allclose(got[:2], want[:2], rtol=0, atol=atol, err_msg=name)
             assert np.all(got[2:] == -np.inf) and np.all(want[2:] == -np.inf), name
     tail = tfp.distributions.TruncatedNormal(tf.constant(0.0, tf.float64),
                                              tf.constant(1.0, tf.float64),
