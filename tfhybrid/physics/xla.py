@@ -14,6 +14,9 @@ per call instead of 20 ms).
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from pathlib import Path
 
 
@@ -115,10 +118,6 @@ def _remove_stale_staging(path: Path) -> None:
     """Remove the staging directories of processes that are gone (killed before publishing:
     what they hold may be half-written, so it is dropped, never published). The owner is
     checked by process id on this host; another host's are removed after a week."""
-    import os
-    import shutil
-    import time
-
     host = _host_name()
     for staging in path.glob(".staging-*"):
         try:
@@ -143,9 +142,6 @@ def _remove_stale_staging(path: Path) -> None:
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
-    import os
-    import shutil
-
     try:
         os.link(source, target)
     except OSError:
@@ -158,9 +154,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def _publish(staging: Path, path: Path, linked: set) -> int:
     """Move the programs this process compiled from ``staging`` into the shared ``path``, each
     with one atomic rename, then remove ``staging``. Returns how many were published."""
-    import os
-    import shutil
-
     published = 0
     try:
         for entry in staging.glob("*.pb"):
@@ -206,7 +199,6 @@ def enable_compile_cache(directory) -> Path:
     Returns the shared subdirectory.
     """
     import atexit
-    import os
     import shlex
     import tempfile
 
@@ -246,15 +238,21 @@ def enable_compile_cache(directory) -> Path:
     return path
 
 
+def _key_directories(directory) -> list[Path]:
+    """The TensorFlow-version / machine / CPU key directories of a compile cache (none if
+    ``directory`` does not exist)."""
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("tf"))
+
+
 def compile_cache_contents(directory) -> list[dict]:
     """What a compile cache holds: one dict per TensorFlow-version / machine / CPU key
     (``key``, ``programs``, ``bytes``, ``staging``: the staging directories of running or
     killed processes). Empty if ``directory`` does not exist."""
-    root = Path(directory).expanduser()
     out = []
-    if not root.is_dir():
-        return out
-    for keyed in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("tf")):
+    for keyed in _key_directories(directory):
         programs = [p for p in keyed.glob("*.pb") if p.is_file()]
         out.append(dict(key=keyed.name, programs=len(programs),
                         bytes=sum(p.stat().st_size for p in programs),
@@ -266,11 +264,8 @@ def clear_compile_cache(directory) -> tuple[int, int]:
     """Delete a compile cache's programs (every key) and the staging directories of processes
     that are gone; a running process's staging directory is left to it. Only the cache's own
     layout is touched (``<key>/*.pb``, ``<key>/.staging-*``). Returns (programs, bytes)."""
-    root = Path(directory).expanduser()
     removed = size = 0
-    if not root.is_dir():
-        return removed, size
-    for keyed in (p for p in root.iterdir() if p.is_dir() and p.name.startswith("tf")):
+    for keyed in _key_directories(directory):
         for program in keyed.glob("*.pb"):
             if program.is_file():
                 size += program.stat().st_size
