@@ -57,6 +57,7 @@ from tfhybrid.lens.defaults import (
     DEFAULT_MAP_STEPS,
     DEFAULT_NEWTON_ITER,
     DEFAULT_NUM_STARTS,
+    DEFAULT_PRUNE_AFTER,
     DEFAULT_RESIDUAL_PIXEL_FACTOR,
     DEFAULT_RESIDUAL_ROUNDS,
 )
@@ -136,7 +137,7 @@ def pipeline_times(posterior, num_starts=DEFAULT_NUM_STARTS, num_steps=DEFAULT_M
     search = total - st.get("polish", 0.0) - st.get("source residual", 0.0)
     stages = {
         f"search: coarse {coarse_starts} x {coarse_steps} + {jumps}, then Adam {num_starts} x "
-        f"{num_steps} (XLA)": search,
+        f"{num_steps} (XLA; the leading start only after {DEFAULT_PRUNE_AFTER})": search,
         f"polish: {newton_iter} Newton + {lbfgs_iter} whitened L-BFGS iterations x <= "
         f"{lbfgs_cycles} runs (Hessians included)": st.get("polish", 0.0),
     }

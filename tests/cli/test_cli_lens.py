@@ -135,6 +135,13 @@ def test_bad_input_one_line_no_output(tmp_path, capsys):
                  "--out", str(tmp_path / "f")]) == 2
     assert "--lbfgs-cycles must be >= 0; got -2" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
+    assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--prune-after",
+                 "-1", "--out", str(tmp_path / "f")]) == 2
+    assert "--prune-after must be >= 0; got -1" in capsys.readouterr().err
+    assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--coarse-prune-after",
+                 "100", "--coarse-keep", "1", "--out", str(tmp_path / "f")]) == 2
+    assert "--coarse-keep (1) must be >= --starts (2)" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
     assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--residual-rounds",
                  "0", "--out", str(tmp_path / "f")]) == 2
     assert "--residual-rounds must be >= 1; got 0" in capsys.readouterr().err

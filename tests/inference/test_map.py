@@ -116,6 +116,65 @@ def test_adam_chunks_resume_the_optimiser_state(jit):
     np.testing.assert_allclose(chunked.loss_trace, whole.loss_trace, rtol=1e-10)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_pruned_starts_follow_the_unpruned_run_and_keep_the_deepest_wells(jit):
+    """``prune_after``: the kept starts continue exactly as in the run without pruning (their
+    Adam moments and the step count carried over: float64, 1e-12), the dropped ones leave NaN
+    in the loss trace, and on a double well per system the kept starts are the deeper well's.
+    A start's trajectory depends only on its own coordinates (Adam is per coordinate), so any
+    mix-up of starts, systems or moments in the gather shows as a different state."""
+    tilt = tf.constant([0.3, -0.3, 0.2], tf.float64)  # system j's deeper well: sign(tilt_j)
+
+    def lp(x, y):  # batch (starts, systems); x: double well, y (event size 2): a quadratic
+        quad = -tf.reduce_sum((y - tf.constant([1.0, -2.0], tf.float64)) ** 2, -1)
+        return -((x**2 - 1.0) ** 2) + tilt * x + quad
+
+    xs = np.array([-1.6, -0.4, 0.3, 1.7])[:, None] * np.array([1.0, 1.1, 0.9])[None]
+    start = [tf.constant(xs), tf.zeros((4, 3, 2), tf.float64)]
+    args = dict(method="adam", num_steps=300, learning_rate=0.02, rtol=0.0, progress=False,
+                steps_per_update=40, jit_compile=jit)
+    full = find_map(lp, start, **args)
+    pruned = find_map(lp, start, prune_after=60, prune_keep=2, **args)
+    kept = pruned.kept_starts
+    assert full.kept_starts is None and kept.shape == (2, 3)
+    # the kept starts are the ones in the deeper well (x > 0 for tilt > 0), best first
+    for j, t in enumerate(tilt.numpy()):
+        assert set(kept[:, j]) == ({2, 3} if t > 0 else {0, 1})
+    assert pruned.log_prob.shape == (2, 3) and pruned.state[1].shape == (2, 3, 2)
+    for part_p, part_f in zip(pruned.state, full.state, strict=True):
+        want = np.take_along_axis(part_f.numpy(), kept.reshape(kept.shape + (1,) * (
+            part_f.shape.rank - 2)), axis=0)
+        np.testing.assert_allclose(part_p.numpy(), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(pruned.log_prob, np.take_along_axis(full.log_prob, kept, 0),
+                               rtol=1e-12)
+    trace = pruned.loss_trace
+    assert trace.shape == full.loss_trace.shape == (300, 4, 3)
+    np.testing.assert_array_equal(trace[:60], full.loss_trace[:60])
+    after = np.isnan(trace[60:])
+    dropped = np.ones((4, 3), bool)
+    np.put_along_axis(dropped, kept, False, axis=0)
+    assert np.array_equal(after, np.broadcast_to(dropped, after.shape))
+    assert pruned.best_index == np.unravel_index(np.argmax(pruned.log_prob), (2, 3))
+
+
+def test_pruning_bad_inputs_and_no_ops():
+    lp = _rosenbrock_lp
+    two = [tf.constant([-1.2, 1.0]), tf.constant([1.0, 0.5])]
+    with pytest.raises(TfhybridInputError, match="adam"):
+        find_map(lp, two, method="lbfgs", prune_after=5, progress=False)
+    with pytest.raises(TfhybridInputError, match="prune_after"):
+        find_map(lp, two, prune_after=0, num_steps=20, progress=False)
+    with pytest.raises(TfhybridInputError, match="prune_keep"):
+        find_map(lp, two, prune_after=5, prune_keep=0, num_steps=20, progress=False)
+    with pytest.raises(TfhybridInputError, match="batched"):
+        find_map(lp, [tf.constant(-1.2), tf.constant(1.0)], prune_after=5, num_steps=20,
+                 progress=False)
+    # keeping every start, or pruning at the end, is no pruning
+    for kw in (dict(prune_after=5, prune_keep=2), dict(prune_after=20, prune_keep=1)):
+        res = find_map(lp, two, num_steps=20, steps_per_update=5, progress=False, **kw)
+        assert res.kept_starts is None and res.log_prob.shape == (2,)
+
+
 def test_bijectors_keep_parameters_in_support():
     # Gamma(3, 2) mode is 1; q with a Beta(2, 5) prior has mode 0.2 inside (0, 1)
     def lp(scale, q):

@@ -521,11 +521,22 @@ def test_coarse_stage_jumps_compete_for_the_full_resolution_starts(vae, problem)
     # jump_stage="coarse" (the default): the jumps start from the best coarse optimum and run
     # on the coarse grid; the full-resolution starts are the best of the coarse starts and the
     # jumps' results
+    # Both prunings on: the coarse search keeps its 4 best starts after 100 steps, Adam its
+    # leading start after 200 (fit_map's default)
     post = LensPosterior(problem["observed"], SIGMA, vae, CONFIG)
     fit = fit_map(post, num_starts=2, num_steps=1200, coarse_starts=12, coarse_steps=400,
-                  coarse_factor=2, seed=1, progress=False, newton_iter=3)
+                  coarse_factor=2, seed=1, progress=False, newton_iter=3,
+                  coarse_prune_after=100, coarse_keep=4)
     assert fit.jump_gain is None
     assert fit.scale_jump.shape == (1,) and fit.scale_jump[0] in (1.0, 0.6, 1.6, 2.6)
+    # the winner is named by its index among the 2 full-resolution starts; the dropped start's
+    # trace ends at step 200
+    kept = fit.result.kept_starts
+    assert kept.shape == (1, 1) and fit.best_start[0] == kept[0, 0] in (0, 1)
+    trace = fit.result.loss_trace
+    assert trace.shape == (1200, 2, 1) and np.isfinite(trace[:200]).all()
+    assert np.isfinite(trace[200:, kept[0, 0], 0]).all()
+    assert np.isnan(trace[200:, 1 - kept[0, 0], 0]).all()
     assert "source-scale jumps on the coarse grid won in" in fit.message
     assert abs(fit.params["r_ein"][0] / TRUTH["r_ein"] - 1) < 0.01, fit.params["r_ein"]
     with pytest.raises(TfhybridInputError, match="jump_stage must be"):
@@ -846,3 +857,19 @@ def test_coverage_flags_and_table_rows_agree_and_pool_into_a_binomial_test():
     assert coverage_test(flags, 0.68).p_value > 1e-3
     narrow_flags = coverage_flags(truth, narrow, 0.68, names=("r_ein",))["r_ein"]
     assert coverage_test(narrow_flags, 0.68).p_value < 1e-10
+
+
+def test_loss_trace_figure_draws_the_dropped_starts_up_to_where_they_end():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from tfhybrid.plotting.lens import loss_trace_figure
+
+    trace = np.linspace(10.0, 1.0, 50)[:, None] * np.array([1.0, 2.0, 3.0])
+    trace[20:, 1] = np.nan  # dropped at step 20
+    trace[:, 2] = np.nan  # never ran
+    fig = loss_trace_figure(trace)
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 2
+    y = lines[1].get_ydata()
+    assert np.isfinite(y[:20]).all() and np.isnan(y[20:]).all() and np.nanmin(y) == 1.0

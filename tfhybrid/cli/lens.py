@@ -21,6 +21,7 @@ from tfhybrid.lens.defaults import (
     DEFAULT_MAP_STEPS,
     DEFAULT_NEWTON_ITER,
     DEFAULT_NUM_STARTS,
+    DEFAULT_PRUNE_AFTER,
     DEFAULT_RESIDUAL_PIXEL_FACTOR,
     DEFAULT_RESIDUAL_ROUNDS,
     DEFAULT_ROBUST_BLOCK,
@@ -36,6 +37,13 @@ def add_map_pipeline_options(p: argparse.ArgumentParser) -> None:
                    help="global search: starts per system on a 4x coarser grid "
                         "(0: none, start from prior medians and draws)")
     p.add_argument("--coarse-steps", type=int, default=DEFAULT_COARSE_STEPS)
+    p.add_argument("--coarse-prune-after", type=int, default=0,
+                   help="global search: after this many steps only the --coarse-keep best "
+                        "coarse starts of each system go on (0: all run every step)")
+    p.add_argument("--coarse-keep", type=int, default=5)
+    p.add_argument("--prune-after", type=int, default=DEFAULT_PRUNE_AFTER,
+                   help="full-resolution Adam: after this many steps only the leading start "
+                        "of each system goes on (0: all run every step)")
     p.add_argument("--scale-jumps", type=float, nargs="*", default=[0.6, 1.6, 2.6],
                    help="source-scale factors tried (s -> k s with the source redrawn; "
                         "none: off), where --jump-stage says")
@@ -78,7 +86,13 @@ def map_pipeline_options(args) -> dict:
             residual = SourceResidualConfig(args.source_residual, args.residual_pixel_factor)
         except TfhybridInputError as err:
             raise _error(f"--source-residual / --residual-pixel-factor: {err}") from err
+    for flag, value in (("--coarse-prune-after", args.coarse_prune_after),
+                        ("--prune-after", args.prune_after), ("--coarse-keep", args.coarse_keep)):
+        if value < (1 if flag == "--coarse-keep" else 0):
+            raise _error(f"{flag} must be >= {1 if flag == '--coarse-keep' else 0}; got {value}")
     return dict(coarse_starts=args.coarse_starts, coarse_steps=args.coarse_steps,
+                coarse_prune_after=args.coarse_prune_after or None,
+                coarse_keep=args.coarse_keep, prune_after=args.prune_after or None,
                 scale_jumps=args.scale_jumps, jump_stage=args.jump_stage,
                 newton_iter=args.newton_iter, lbfgs_iter=args.lbfgs_iter,
                 lbfgs_cycles=args.lbfgs_cycles, source_residual=residual,
@@ -252,6 +266,9 @@ def run_fit(args) -> int:
     if args.coarse_starts and args.coarse_starts < args.starts:
         raise _error(f"--coarse-starts ({args.coarse_starts}) must be 0 or >= --starts "
                      f"({args.starts})")
+    if args.coarse_starts and args.coarse_prune_after > 0 and args.coarse_keep < args.starts:
+        raise _error(f"--coarse-keep ({args.coarse_keep}) must be >= --starts ({args.starts}) "
+                     "with --coarse-prune-after")
     options = map_pipeline_options(args)  # checks --source-residual before loading anything
     posterior, mocks, labels = _load(args)
     if args.robust_block > posterior.config.n_pix:  # before the fit, not after it

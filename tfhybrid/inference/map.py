@@ -51,6 +51,11 @@ class MapResult:
     chunk_seconds : wall time of each compiled chunk (Adam: ``steps_per_update`` steps; L-BFGS:
         up to that many iterations). The first includes tracing and compilation, the others
         are the steady cost: what benchmarks read.
+    kept_starts : with ``prune_after`` (Adam), the ``(prune_keep, *batch_shape[1:])`` indices
+        into the leading axis of ``initial_state`` of the starts that were kept; ``state``,
+        ``log_prob``, ``converged`` and ``best_index`` follow them, while ``loss_trace`` keeps
+        the initial batch shape (NaN for a start's steps after it was dropped). None without
+        pruning.
     """
 
     state: list
@@ -62,6 +67,7 @@ class MapResult:
     message: str
     best_index: tuple | None
     chunk_seconds: np.ndarray | None = None
+    kept_starts: np.ndarray | None = None
 
     @property
     def all_converged(self) -> bool:
@@ -115,6 +121,8 @@ def find_map(
     progress: bool = True,
     steps_per_update: int | None = None,
     jit_compile: bool = False,
+    prune_after: int | None = None,
+    prune_keep: int = 1,
 ) -> MapResult:
     """Maximise ``target_log_prob_fn`` (003_* eq. 26) with Adam or L-BFGS.
 
@@ -140,6 +148,14 @@ def find_map(
     progress : tqdm progress bar.
     steps_per_update : steps per compiled chunk (progress/convergence granularity).
     jit_compile : XLA-compile the chunks (measure; helps small models on CPU).
+    prune_after, prune_keep : Adam only: after ``prune_after`` steps, keep the ``prune_keep``
+        starts with the lowest loss along the leading batch axis (per position of the other
+        axes: with a ``(starts, systems)`` batch, the best starts of each system), with their
+        Adam moments, and run the remaining steps on those only (successive halving: a start
+        that trails after a few hundred steps rarely ends ahead, and each dropped start stops
+        costing a forward model per step). The ranking uses the loss recorded at the last
+        step before pruning. ``MapResult.kept_starts`` says which starts were kept. Ignored
+        when ``prune_keep`` is at least the number of starts or ``prune_after >= num_steps``.
 
     Returns
     -------
@@ -189,15 +205,28 @@ def find_map(
                 f"state part {i} has shape {u.shape} but target_log_prob_fn returned batch "
                 f"shape {batch_shape}: every part must start with the batch shape"
             )
+    prune = None
+    if prune_after is not None:
+        if method != "adam":
+            raise TfhybridInputError("prune_after applies to method='adam' only")
+        if not isinstance(prune_after, int | np.integer) or prune_after < 1:
+            raise TfhybridInputError(f"prune_after must be an int >= 1; got {prune_after!r}")
+        if not isinstance(prune_keep, int | np.integer) or prune_keep < 1:
+            raise TfhybridInputError(f"prune_keep must be an int >= 1; got {prune_keep!r}")
+        if batch_shape.rank == 0:
+            raise TfhybridInputError("prune_after needs batched starts (a leading batch axis)")
+        if prune_keep < batch_shape[0] and prune_after < int(num_steps):
+            prune = (int(prune_after), int(prune_keep))
     per_update = steps_per_update or max(1, min(100, int(num_steps) // 20))
     bar = tqdm(total=int(num_steps), desc=f"MAP ({method})", disable=not progress, leave=False)
     try:
         if method == "adam":
-            u_final, trace, conv, steps_run, rel, seconds = _run_adam(
+            u_final, trace, conv, steps_run, rel, seconds, kept = _run_adam(
                 log_prob_u, unconstrained, batch_shape, num_steps, learning_rate, rtol,
-                per_update, jit_compile, bar,
+                per_update, jit_compile, bar, prune,
             )
         else:
+            kept = None
             u_final, trace, conv, steps_run, rel, seconds = _run_lbfgs(
                 log_prob_u, unconstrained, batch_shape, num_steps, rtol, tolerance,
                 per_update, jit_compile, bar,
@@ -206,6 +235,7 @@ def find_map(
         bar.close()
     lp = tf.convert_to_tensor(log_prob_u(*u_final)).numpy()
     state = [b.forward(u) for b, u in zip(bijs, u_final, strict=True)]
+    batch_shape = tf.TensorShape(lp.shape)  # the kept starts' after pruning
     conv = np.broadcast_to(np.asarray(conv, bool), batch_shape).copy()
     conv &= np.isfinite(lp)
     best = None if batch_shape.rank == 0 else np.unravel_index(np.argmax(lp), batch_shape)
@@ -220,6 +250,7 @@ def find_map(
         message=msg,
         best_index=None if best is None else tuple(int(i) for i in best),
         chunk_seconds=np.asarray(seconds),
+        kept_starts=kept,
     )
 
 
@@ -282,15 +313,28 @@ class FunctionalAdam:
 
 
 def _run_adam(
-    log_prob_u, unconstrained, batch_shape, num_steps, learning_rate, rtol, per_update, jit, bar
+    log_prob_u, unconstrained, batch_shape, num_steps, learning_rate, rtol, per_update, jit, bar,
+    prune=None,
 ):
-    """Adam in compiled chunks of ``per_update`` steps (one XLA while-loop each with ``jit``).
+    """Adam in compiled chunks of at most ``per_update`` steps (one XLA while-loop each with
+    ``jit``).
 
     Each chunk is the loop of ``tfp.math.minimize`` (loss and gradient at the current point,
-    then the update; the trace records the loss before the update) on tensors, so its
-    compiled function is built once per chunk length and reused by every chunk.
+    then the update; the trace records the loss before the update) on tensors. The number of
+    steps is an argument of the compiled function (the losses fill a ``per_update``-row
+    buffer), so one graph serves every chunk, the last, shorter one included.
+
+    With ``prune = (after, keep)`` (see :func:`find_map`) the kept starts run in a graph of
+    their own shapes, which is traced and compiled in a background thread (by a one-step call
+    on the first ``keep`` starts, whose result is discarded) while the chunks before the
+    pruning run: tracing holds the GIL, but the chunks' execution and XLA's compilation
+    release it. The thread starts after the first chunk, so that the first trace (which
+    builds the model's lazily created parts) is not concurrent with another.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     optimizer = FunctionalAdam(learning_rate)
+    rank = len(batch_shape)
 
     def neg_log_prob_and_grads(params):
         with tf.GradientTape() as tape:
@@ -305,45 +349,86 @@ def _run_adam(
             loss, grads = neg_log_prob_and_grads(params)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = [p + u for p, u in zip(params, updates, strict=True)]
-            return i + 1, params, opt_state, losses.write(i, loss)
+            return i + 1, params, opt_state, tf.tensor_scatter_nd_update(
+                losses, tf.reshape(i, [1, 1]), tf.cast(loss, losses.dtype)[None])
 
+        buffer = tf.zeros([per_update] + params[0].shape[:rank].as_list(), params[0].dtype)
         _, params, opt_state, losses = tf.while_loop(
-            lambda i, *_: i < n_steps, body,
-            (tf.constant(0), list(params), opt_state,
-             tf.TensorArray(params[0].dtype, size=n_steps)),
+            lambda i, *_: i < n_steps, body, (tf.constant(0), list(params), opt_state, buffer),
         )
-        return params, opt_state, losses.stack()
+        return params, opt_state, losses
+
+    def compiled_chunks():
+        return tf.function(run_chunk, jit_compile=bool(jit), autograph=False)
 
     params = [tf.convert_to_tensor(u) for u in unconstrained]
     opt_state = optimizer.init(params)
-    compiled = {}
+    chunk = compiled_chunks()
+    kept_chunk, kept_ready, pool = None, None, None
     traces, seconds = [], []
-    done, prev_end = 0, None
+    done, prev_end, kept = 0, None, None
     conv = np.zeros(batch_shape, bool)
     rel = np.full(conv.shape, np.inf)
-    while done < num_steps:
-        n = min(per_update, num_steps - done)
-        if n not in compiled:
-            compiled[n] = tf.function(
-                lambda p, s, n=n: run_chunk(p, s, n), jit_compile=bool(jit), autograph=False
-            )
-        t0 = time.perf_counter()
-        params, opt_state, losses = compiled[n](params, opt_state)
-        params = list(params)
-        losses = losses.numpy()
-        seconds.append(time.perf_counter() - t0)
-        traces.append(losses)
-        done += n
-        bar.update(n)
-        end = losses[-1]
-        if prev_end is not None:
-            rel = np.abs(prev_end - end) / np.maximum(1.0, np.abs(end))
-            conv = rel < rtol
-            bar.set_postfix(loss=float(np.sum(end)), rel=float(np.max(rel)))
-            if np.all(conv) or not np.all(np.isfinite(end)):
-                break
-        prev_end = end
-    return params, np.concatenate(traces), conv, done, rel, seconds
+    try:
+        while done < num_steps:
+            n = min(per_update, num_steps - done)
+            if prune is not None and kept is None:
+                n = min(n, prune[0] - done)  # a chunk ends where the pruning happens
+            t0 = time.perf_counter()
+            params, opt_state, losses = chunk(params, opt_state, tf.constant(n))
+            params = list(params)
+            losses = losses.numpy()[:n]
+            seconds.append(time.perf_counter() - t0)
+            traces.append(losses if kept is None else _scatter_starts(losses, kept, batch_shape))
+            done += n
+            bar.update(n)
+            end = losses[-1]
+            if prev_end is not None:
+                rel = np.abs(prev_end - end) / np.maximum(1.0, np.abs(end))
+                conv = rel < rtol
+                bar.set_postfix(loss=float(np.sum(end)), rel=float(np.max(rel)))
+                if np.all(conv) or not np.all(np.isfinite(end)):
+                    break
+            prev_end = end
+            if prune is not None and kept is None and kept_ready is None:
+                kept_chunk = compiled_chunks()
+                first = [p[:prune[1]] for p in params]
+                pool = ThreadPoolExecutor(1, thread_name_prefix="tfhybrid-adam-compile")
+                kept_ready = pool.submit(kept_chunk, first, optimizer.init(first),
+                                         tf.constant(1))
+            if prune is not None and kept is None and done >= prune[0]:
+                # the prune[1] lowest losses of each column (NaN last), with their Adam moments
+                kept = np.argsort(np.where(np.isnan(end), np.inf, end), axis=0,
+                                  kind="stable")[:prune[1]]
+                params = [_take_starts(p, kept) for p in params]
+                step, m, v = opt_state
+                opt_state = (step, [_take_starts(x, kept) for x in m],
+                             [_take_starts(x, kept) for x in v])
+                prev_end = np.take_along_axis(end, kept, axis=0)
+                conv, rel = np.zeros(kept.shape, bool), np.full(kept.shape, np.inf)
+                kept_ready.result()  # compiled by now, or soon; re-raises what went wrong
+                chunk = kept_chunk
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    return params, np.concatenate(traces), conv, done, rel, seconds, kept
+
+
+def _take_starts(x, kept: np.ndarray) -> tf.Tensor:
+    """``x[kept[i, j...], j...]``: the kept starts (leading axis) of a batched tensor ``x``
+    whose batch shape is ``kept``'s but for its leading axis; event axes follow."""
+    x = tf.convert_to_tensor(x)
+    idx = tf.constant(kept.reshape(kept.shape + (1,) * (x.shape.rank - kept.ndim)), tf.int64)
+    idx = tf.broadcast_to(idx, tf.concat([kept.shape[:1], tf.shape(x)[1:]], 0))
+    return tf.experimental.numpy.take_along_axis(x, idx, axis=0)
+
+
+def _scatter_starts(losses: np.ndarray, kept: np.ndarray, batch_shape) -> np.ndarray:
+    """Losses ``(steps, *kept.shape)`` of the kept starts placed at their indices of the
+    initial ``(steps, *batch_shape)`` batch; NaN for the dropped starts."""
+    out = np.full((losses.shape[0],) + tuple(batch_shape), np.nan, losses.dtype)
+    np.put_along_axis(out, np.broadcast_to(kept[None], losses.shape), losses, axis=1)
+    return out
 
 
 def _run_lbfgs(

@@ -157,11 +157,13 @@ def posterior_corner_figure(
 
 
 def loss_trace_figure(loss_trace: np.ndarray, title: str = "MAP: negative log posterior"):
-    """Loss trace(s) of a MAP fit; ``loss_trace`` is (steps,) or (steps, n_systems)."""
+    """Loss trace(s) of a MAP fit; ``loss_trace`` is (steps,) or (steps, n_curves); NaN where
+    a curve has no value (a start dropped by ``find_map``'s pruning ends there)."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    trace = np.asarray(loss_trace)
+    trace = np.asarray(loss_trace, dtype=np.float64)
     trace = trace.reshape(trace.shape[0], -1)
-    shifted = trace - trace.min(axis=0, keepdims=True) + 1.0
+    trace = trace[:, np.isfinite(trace).any(axis=0)]
+    shifted = trace - np.nanmin(trace, axis=0, keepdims=True) + 1.0
     ax.semilogy(shifted, lw=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss − min + 1")
