@@ -138,6 +138,9 @@ def test_bad_input_one_line_no_output(tmp_path, capsys):
     assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--prune-after",
                  "-1", "--out", str(tmp_path / "f")]) == 2
     assert "--prune-after must be >= 0; got -1" in capsys.readouterr().err
+    assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--prune-margin",
+                 "nan", "--out", str(tmp_path / "f")]) == 2
+    assert "--prune-margin must be finite and >= 0 (nats); got nan" in capsys.readouterr().err
     assert main(["lens", "fit", "--mock", str(tmp_path / "missing.fits"), "--coarse-prune-after",
                  "100", "--coarse-keep", "1", "--out", str(tmp_path / "f")]) == 2
     assert "--coarse-keep (1) must be >= --starts (2)" in capsys.readouterr().err

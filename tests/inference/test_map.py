@@ -116,13 +116,14 @@ def test_adam_chunks_resume_the_optimiser_state(jit):
     np.testing.assert_allclose(chunked.loss_trace, whole.loss_trace, rtol=1e-10)
 
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_pruned_starts_follow_the_unpruned_run_and_keep_the_deepest_wells(jit):
+@pytest.mark.parametrize("jit,grouped", [(False, False), (True, False), (True, True)])
+def test_pruned_starts_follow_the_unpruned_run_and_keep_the_deepest_wells(jit, grouped):
     """``prune_after``: the kept starts continue exactly as in the run without pruning (their
     Adam moments and the step count carried over: float64, 1e-12), the dropped ones leave NaN
     in the loss trace, and on a double well per system the kept starts are the deeper well's.
     A start's trajectory depends only on its own coordinates (Adam is per coordinate), so any
-    mix-up of starts, systems or moments in the gather shows as a different state."""
+    mix-up of starts, systems or moments in the gather shows as a different state. With
+    ``prune_grouped`` the starts run two at a time before the pruning (4 starts: 2 groups)."""
     tilt = tf.constant([0.3, -0.3, 0.2], tf.float64)  # system j's deeper well: sign(tilt_j)
 
     def lp(x, y):  # batch (starts, systems); x: double well, y (event size 2): a quadratic
@@ -134,6 +135,7 @@ def test_pruned_starts_follow_the_unpruned_run_and_keep_the_deepest_wells(jit):
     args = dict(method="adam", num_steps=300, learning_rate=0.02, rtol=0.0, progress=False,
                 steps_per_update=40, jit_compile=jit)
     full = find_map(lp, start, **args)
+    args["prune_grouped"] = grouped
     pruned = find_map(lp, start, prune_after=60, prune_keep=2, **args)
     kept = pruned.kept_starts
     assert full.kept_starts is None and kept.shape == (2, 3)
@@ -156,6 +158,44 @@ def test_pruned_starts_follow_the_unpruned_run_and_keep_the_deepest_wells(jit):
     assert np.array_equal(after, np.broadcast_to(dropped, after.shape))
     assert pruned.best_index == np.unravel_index(np.argmax(pruned.log_prob), (2, 3))
 
+    # prune_margin: the pruning waits for the first chunk end (steps 60, 100, 140, ...) where
+    # the kept starts lead the dropped ones by the margin in every column; read off the
+    # unpruned run's trace (the loss at a chunk's last step)
+    ranked = np.sort(full.loss_trace, axis=1)
+    lead = (ranked[:, 2] - ranked[:, 1]).min(axis=1)  # (steps,), weakest column
+    ends = [60, 100, 140, 180, 220, 260]
+    margin = 0.5 * (lead[ends[0] - 1] + lead[ends[2] - 1])
+    expected = next(k for k in ends if lead[k - 1] >= margin)
+    assert expected > 60  # the margin holds the pruning back
+    late = find_map(lp, start, prune_after=60, prune_keep=2, prune_margin=margin, **args)
+    first_nan = np.flatnonzero(np.isnan(late.loss_trace).any(axis=(1, 2)))[0]
+    assert first_nan == expected
+    # the same starts (ranked at a later step, so perhaps in another order) reach the same
+    # optimum: the later pruning changes no trajectory
+    np.testing.assert_array_equal(np.sort(late.kept_starts, 0), np.sort(kept, 0))
+    np.testing.assert_allclose(np.sort(late.log_prob, 0), np.sort(pruned.log_prob, 0),
+                               rtol=1e-12)
+    never = find_map(lp, start, prune_after=60, prune_keep=2, prune_margin=1e9, **args)
+    assert never.kept_starts is None and never.log_prob.shape == (4, 3)
+    np.testing.assert_array_equal(never.loss_trace, full.loss_trace)
+
+
+def test_grouped_pruning_pads_the_last_group():
+    """3 starts in groups of 2: the padded copy's results are dropped, and every start's
+    trajectory is the unpruned run's (float64, 1e-12)."""
+    def lp(x):
+        return -((x**2 - 1.0) ** 2) + 0.2 * x
+
+    start = tf.constant([-1.5, 0.2, 1.4], tf.float64)
+    args = dict(method="adam", num_steps=100, learning_rate=0.02, rtol=0.0, progress=False,
+                steps_per_update=20, jit_compile=True)
+    full = find_map(lp, start, **args)
+    grouped = find_map(lp, start, prune_after=40, prune_keep=2, prune_grouped=True, **args)
+    np.testing.assert_array_equal(grouped.loss_trace[:40], full.loss_trace[:40])
+    assert sorted(grouped.kept_starts.tolist()) == [1, 2]
+    np.testing.assert_allclose(grouped.state[0].numpy(),
+                               full.state[0].numpy()[grouped.kept_starts], rtol=1e-12)
+
 
 def test_pruning_bad_inputs_and_no_ops():
     lp = _rosenbrock_lp
@@ -164,6 +204,8 @@ def test_pruning_bad_inputs_and_no_ops():
         find_map(lp, two, method="lbfgs", prune_after=5, progress=False)
     with pytest.raises(TfhybridInputError, match="prune_after"):
         find_map(lp, two, prune_after=0, num_steps=20, progress=False)
+    with pytest.raises(TfhybridInputError, match="prune_margin"):
+        find_map(lp, two, prune_after=5, prune_margin=-1.0, num_steps=20, progress=False)
     with pytest.raises(TfhybridInputError, match="prune_keep"):
         find_map(lp, two, prune_after=5, prune_keep=0, num_steps=20, progress=False)
     with pytest.raises(TfhybridInputError, match="batched"):

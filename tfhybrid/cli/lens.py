@@ -22,6 +22,7 @@ from tfhybrid.lens.defaults import (
     DEFAULT_NEWTON_ITER,
     DEFAULT_NUM_STARTS,
     DEFAULT_PRUNE_AFTER,
+    DEFAULT_PRUNE_MARGIN,
     DEFAULT_RESIDUAL_PIXEL_FACTOR,
     DEFAULT_RESIDUAL_ROUNDS,
     DEFAULT_ROBUST_BLOCK,
@@ -42,8 +43,10 @@ def add_map_pipeline_options(p: argparse.ArgumentParser) -> None:
                         "coarse starts of each system go on (0: all run every step)")
     p.add_argument("--coarse-keep", type=int, default=5)
     p.add_argument("--prune-after", type=int, default=DEFAULT_PRUNE_AFTER,
-                   help="full-resolution Adam: after this many steps only the leading start "
-                        "of each system goes on (0: all run every step)")
+                   help="full-resolution Adam: from this step on, only the leading start of "
+                        "each system goes on once it leads by --prune-margin nats in every "
+                        "system (0: all run every step)")
+    p.add_argument("--prune-margin", type=float, default=DEFAULT_PRUNE_MARGIN)
     p.add_argument("--scale-jumps", type=float, nargs="*", default=[0.6, 1.6, 2.6],
                    help="source-scale factors tried (s -> k s with the source redrawn; "
                         "none: off), where --jump-stage says")
@@ -90,9 +93,12 @@ def map_pipeline_options(args) -> dict:
                         ("--prune-after", args.prune_after), ("--coarse-keep", args.coarse_keep)):
         if value < (1 if flag == "--coarse-keep" else 0):
             raise _error(f"{flag} must be >= {1 if flag == '--coarse-keep' else 0}; got {value}")
+    if not (args.prune_margin >= 0 and args.prune_margin < float("inf")):
+        raise _error(f"--prune-margin must be finite and >= 0 (nats); got {args.prune_margin}")
     return dict(coarse_starts=args.coarse_starts, coarse_steps=args.coarse_steps,
                 coarse_prune_after=args.coarse_prune_after or None,
                 coarse_keep=args.coarse_keep, prune_after=args.prune_after or None,
+                prune_margin=args.prune_margin,
                 scale_jumps=args.scale_jumps, jump_stage=args.jump_stage,
                 newton_iter=args.newton_iter, lbfgs_iter=args.lbfgs_iter,
                 lbfgs_cycles=args.lbfgs_cycles, source_residual=residual,

@@ -123,6 +123,8 @@ def find_map(
     jit_compile: bool = False,
     prune_after: int | None = None,
     prune_keep: int = 1,
+    prune_margin: float = 0.0,
+    prune_grouped: bool = False,
 ) -> MapResult:
     """Maximise ``target_log_prob_fn`` (003_* eq. 26) with Adam or L-BFGS.
 
@@ -148,14 +150,25 @@ def find_map(
     progress : tqdm progress bar.
     steps_per_update : steps per compiled chunk (progress/convergence granularity).
     jit_compile : XLA-compile the chunks (measure; helps small models on CPU).
-    prune_after, prune_keep : Adam only: after ``prune_after`` steps, keep the ``prune_keep``
-        starts with the lowest loss along the leading batch axis (per position of the other
-        axes: with a ``(starts, systems)`` batch, the best starts of each system), with their
-        Adam moments, and run the remaining steps on those only (successive halving: a start
-        that trails after a few hundred steps rarely ends ahead, and each dropped start stops
-        costing a forward model per step). The ranking uses the loss recorded at the last
-        step before pruning. ``MapResult.kept_starts`` says which starts were kept. Ignored
+    prune_after, prune_keep, prune_margin : Adam only: after ``prune_after`` steps, keep the
+        ``prune_keep`` starts with the lowest loss along the leading batch axis (per position
+        of the other axes: with a ``(starts, systems)`` batch, the best starts of each
+        system), with their Adam moments, and run the remaining steps on those only
+        (successive halving: a start that trails after a few hundred steps rarely ends ahead,
+        and each dropped start stops costing a forward model per step). The ranking uses the
+        loss recorded at the last step of a chunk. The pruning happens at the first chunk's
+        end at or after ``prune_after`` where, in every column, each kept start leads each
+        dropped one by at least ``prune_margin`` (loss units, nats for a log density; the
+        batch stays rectangular, so one close race holds back every column), and not at all
+        if that never comes. ``MapResult.kept_starts`` says which starts were kept. Ignored
         when ``prune_keep`` is at least the number of starts or ``prune_after >= num_steps``.
+    prune_grouped : with pruning, run the starts in groups of ``prune_keep`` (the last one
+        padded with copies of its first start, whose results are dropped) through one compiled
+        graph of the kept starts' shape, before the pruning as after it: no second graph to
+        trace and compile, at the price of batching only ``prune_keep`` starts per call. For
+        models whose step cost grows in proportion to the batch, as an XLA-compiled posterior
+        on a CPU does. Otherwise (default) the whole batch runs together and the kept starts'
+        graph is compiled in a background thread before the pruning.
 
     Returns
     -------
@@ -213,17 +226,20 @@ def find_map(
             raise TfhybridInputError(f"prune_after must be an int >= 1; got {prune_after!r}")
         if not isinstance(prune_keep, int | np.integer) or prune_keep < 1:
             raise TfhybridInputError(f"prune_keep must be an int >= 1; got {prune_keep!r}")
+        if not np.isfinite(prune_margin) or prune_margin < 0:
+            raise TfhybridInputError(f"prune_margin must be finite and >= 0; got "
+                                     f"{prune_margin!r}")
         if batch_shape.rank == 0:
             raise TfhybridInputError("prune_after needs batched starts (a leading batch axis)")
         if prune_keep < batch_shape[0] and prune_after < int(num_steps):
-            prune = (int(prune_after), int(prune_keep))
+            prune = (int(prune_after), int(prune_keep), float(prune_margin))
     per_update = steps_per_update or max(1, min(100, int(num_steps) // 20))
     bar = tqdm(total=int(num_steps), desc=f"MAP ({method})", disable=not progress, leave=False)
     try:
         if method == "adam":
             u_final, trace, conv, steps_run, rel, seconds, kept = _run_adam(
                 log_prob_u, unconstrained, batch_shape, num_steps, learning_rate, rtol,
-                per_update, jit_compile, bar, prune,
+                per_update, jit_compile, bar, prune, bool(prune_grouped) and prune is not None,
             )
         else:
             kept = None
@@ -314,7 +330,7 @@ class FunctionalAdam:
 
 def _run_adam(
     log_prob_u, unconstrained, batch_shape, num_steps, learning_rate, rtol, per_update, jit, bar,
-    prune=None,
+    prune=None, grouped=False,
 ):
     """Adam in compiled chunks of at most ``per_update`` steps (one XLA while-loop each with
     ``jit``).
@@ -324,12 +340,13 @@ def _run_adam(
     steps is an argument of the compiled function (the losses fill a ``per_update``-row
     buffer), so one graph serves every chunk, the last, shorter one included.
 
-    With ``prune = (after, keep)`` (see :func:`find_map`) the kept starts run in a graph of
-    their own shapes, which is traced and compiled in a background thread (by a one-step call
-    on the first ``keep`` starts, whose result is discarded) while the chunks before the
-    pruning run: tracing holds the GIL, but the chunks' execution and XLA's compilation
+    With ``prune = (after, keep, margin)`` (see :func:`find_map`) the kept starts run in a
+    graph of their own shapes, which is traced and compiled in a background thread (by a
+    one-step call on the first ``keep`` starts, whose result is discarded) while the chunks
+    before the pruning run: tracing holds the GIL, but the chunks' execution and XLA's compilation
     release it. The thread starts after the first chunk, so that the first trace (which
-    builds the model's lazily created parts) is not concurrent with another.
+    builds the model's lazily created parts) is not concurrent with another. With ``grouped``,
+    the starts run in groups of ``keep`` through the kept starts' graph instead.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -372,12 +389,15 @@ def _run_adam(
     try:
         while done < num_steps:
             n = min(per_update, num_steps - done)
-            if prune is not None and kept is None:
-                n = min(n, prune[0] - done)  # a chunk ends where the pruning happens
+            if prune is not None and done < prune[0]:
+                n = min(n, prune[0] - done)  # a chunk ends where the pruning can happen
             t0 = time.perf_counter()
-            params, opt_state, losses = chunk(params, opt_state, tf.constant(n))
+            if grouped and kept is None:
+                params, opt_state, losses = _grouped_chunk(chunk, params, opt_state, n, prune[1])
+            else:
+                params, opt_state, losses = chunk(params, opt_state, tf.constant(n))
+                losses = losses.numpy()[:n]
             params = list(params)
-            losses = losses.numpy()[:n]
             seconds.append(time.perf_counter() - t0)
             traces.append(losses if kept is None else _scatter_starts(losses, kept, batch_shape))
             done += n
@@ -390,28 +410,56 @@ def _run_adam(
                 if np.all(conv) or not np.all(np.isfinite(end)):
                     break
             prev_end = end
-            if prune is not None and kept is None and kept_ready is None:
+            if prune is not None and kept is None and kept_ready is None and not grouped:
                 kept_chunk = compiled_chunks()
                 first = [p[:prune[1]] for p in params]
                 pool = ThreadPoolExecutor(1, thread_name_prefix="tfhybrid-adam-compile")
                 kept_ready = pool.submit(kept_chunk, first, optimizer.init(first),
                                          tf.constant(1))
             if prune is not None and kept is None and done >= prune[0]:
-                # the prune[1] lowest losses of each column (NaN last), with their Adam moments
-                kept = np.argsort(np.where(np.isnan(end), np.inf, end), axis=0,
-                                  kind="stable")[:prune[1]]
+                # the prune[1] lowest losses of each column (NaN last), with their Adam moments,
+                # once they lead the others by the margin in every column
+                order = np.argsort(np.where(np.isnan(end), np.inf, end), axis=0, kind="stable")
+                ranked = np.take_along_axis(end, order, axis=0)
+                lead = ranked[prune[1]] - ranked[prune[1] - 1]
+                if not np.all(lead >= prune[2]):  # NaN (a diverged kept start) waits too
+                    continue
+                kept = order[:prune[1]]
                 params = [_take_starts(p, kept) for p in params]
                 step, m, v = opt_state
                 opt_state = (step, [_take_starts(x, kept) for x in m],
                              [_take_starts(x, kept) for x in v])
                 prev_end = np.take_along_axis(end, kept, axis=0)
                 conv, rel = np.zeros(kept.shape, bool), np.full(kept.shape, np.inf)
-                kept_ready.result()  # compiled by now, or soon; re-raises what went wrong
-                chunk = kept_chunk
+                if not grouped:
+                    kept_ready.result()  # compiled by now, or soon; re-raises what went wrong
+                    chunk = kept_chunk
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
     return params, np.concatenate(traces), conv, done, rel, seconds, kept
+
+
+def _grouped_chunk(chunk, params, opt_state, n: int, size: int):
+    """One chunk of ``n`` steps of every start, run as groups of ``size`` starts (leading axis)
+    through ``chunk``; the last group is padded with copies of its first start, whose results
+    are dropped. Returns what ``chunk`` returns for the whole batch, losses ``(n, ...)``."""
+    total = int(params[0].shape[0])
+    step, m, v = opt_state
+    outs = []
+    for lo in range(0, total, size):
+        idx = np.arange(lo, lo + size)
+        idx = np.where(idx < total, idx, lo)  # padding: copies of the group's first start
+        take = [tf.gather(x, idx) for x in params]
+        state = (step, [tf.gather(x, idx) for x in m], [tf.gather(x, idx) for x in v])
+        p, (step_out, m_out, v_out), losses = chunk(take, state, tf.constant(n))
+        real = min(size, total - lo)
+        outs.append(([x[:real] for x in p], [x[:real] for x in m_out],
+                     [x[:real] for x in v_out], losses.numpy()[:n, :real]))
+    params = [tf.concat([o[0][i] for o in outs], 0) for i in range(len(params))]
+    m = [tf.concat([o[1][i] for o in outs], 0) for i in range(len(m))]
+    v = [tf.concat([o[2][i] for o in outs], 0) for i in range(len(v))]
+    return params, (step_out, m, v), np.concatenate([o[3] for o in outs], axis=1)
 
 
 def _take_starts(x, kept: np.ndarray) -> tf.Tensor:

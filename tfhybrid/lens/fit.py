@@ -31,6 +31,7 @@ from tfhybrid.lens.defaults import (
     DEFAULT_NEWTON_ITER,
     DEFAULT_NUM_STARTS,
     DEFAULT_PRUNE_AFTER,
+    DEFAULT_PRUNE_MARGIN,
     DEFAULT_RESIDUAL_ROUNDS,
 )
 from tfhybrid.lens.model import STATE_NAMES, LensPosterior
@@ -488,6 +489,7 @@ def fit_map(
     coarse_prune_after: int | None = None,
     coarse_keep: int = 5,
     prune_after: int | None = DEFAULT_PRUNE_AFTER,
+    prune_margin: float = DEFAULT_PRUNE_MARGIN,
     scale_jumps=(0.6, 1.6, 2.6),
     jump_steps: int | None = None,
     newton_iter: int = DEFAULT_NEWTON_ITER,
@@ -532,10 +534,14 @@ def fit_map(
         dominates), and the kept starts' graph, traced and compiled beside the first steps,
         slows them twofold; the benchmark system's coarse search took 21.7 s instead of
         16.3 s (warm compile cache), 22.7 s instead of 20.6 s (cold).
-    prune_after : after ``prune_after`` full-resolution Adam steps only the leading start of
-        each system goes on (None: all ``num_starts`` run every step). On the seed-0 study
-        mocks the start leading at step 200 was the better one after 1 000 steps in 9 of 10
-        systems (in the other, 5.7 nats behind).
+    prune_after, prune_margin : from full-resolution Adam step ``prune_after`` on, only the
+        leading start of each system goes on, at the first chunk's end where it leads the
+        others by ``prune_margin`` nats in every system (None: all ``num_starts`` run every
+        step; see :data:`tfhybrid.lens.defaults.DEFAULT_PRUNE_AFTER` for the numbers behind
+        the defaults). With ``jit_compile`` the starts run one at a time through the one
+        compiled graph of a single start per system, before the pruning as after it
+        (``find_map``'s ``prune_grouped``): an XLA step of 2 starts costs about two of 1 on a
+        CPU, and no second graph is compiled.
     scale_jumps : source-scale factors of :func:`source_scale_jumps`, run when the global
         search ran (not with ``initial_state``; ``()`` turns them off), where ``jump_stage``
         says. With ``jump_stage="full"`` they start from each system's best full-resolution
@@ -664,6 +670,7 @@ def fit_map(
         posterior.target_log_prob, list(state), bijectors=posterior.bijectors(), method=method,
         num_steps=num_steps, learning_rate=lr, rtol=rtol, progress=progress,
         jit_compile=jit_compile, prune_after=prune_after if method == "adam" else None,
+        prune_margin=prune_margin, prune_grouped=bool(jit_compile),
     )
     wall = time.perf_counter() - t0 + t_coarse
     stages = {"global search": t_coarse, "adam": wall - t_coarse} if global_search else {
