@@ -537,6 +537,7 @@ def test_coarse_stage_jumps_compete_for_the_full_resolution_starts(vae, problem)
     assert trace.shape == (1200, 2, 1) and np.isfinite(trace[:200]).all()
     assert np.isfinite(trace[200:, kept[0, 0], 0]).all()
     assert np.isnan(trace[200:, 1 - kept[0, 0], 0]).all()
+    assert "from step 200 only the leading 1 start(s) of each system went on" in fit.message
     assert "source-scale jumps on the coarse grid won in" in fit.message
     assert abs(fit.params["r_ein"][0] / TRUTH["r_ein"] - 1) < 0.01, fit.params["r_ein"]
     with pytest.raises(TfhybridInputError, match="jump_stage must be"):

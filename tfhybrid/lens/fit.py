@@ -162,6 +162,12 @@ class LensMap:
         """The optimiser's message, plus the source-scale jumps' and the Newton polish's
         outcomes when they ran."""
         msg = self.result.message if self.result is not None else ""
+        kept = getattr(self.result, "kept_starts", None)
+        if kept is not None:
+            dropped = np.isnan(np.asarray(self.result.loss_trace)).reshape(
+                len(self.result.loss_trace), -1).any(axis=1)
+            msg += (f"; from step {int(np.argmax(dropped))} only the leading "
+                    f"{len(kept)} start(s) of each system went on")
         jump_gain = np.zeros(len(self.log_prob)) if self.jump_gain is None else self.jump_gain
         if self.scale_jump is not None:
             won = np.flatnonzero(self.scale_jump != 1.0)
