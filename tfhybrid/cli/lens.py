@@ -89,10 +89,11 @@ def map_pipeline_options(args) -> dict:
             residual = SourceResidualConfig(args.source_residual, args.residual_pixel_factor)
         except TfhybridInputError as err:
             raise _error(f"--source-residual / --residual-pixel-factor: {err}") from err
-    for flag, value in (("--coarse-prune-after", args.coarse_prune_after),
-                        ("--prune-after", args.prune_after), ("--coarse-keep", args.coarse_keep)):
-        if value < (1 if flag == "--coarse-keep" else 0):
-            raise _error(f"{flag} must be >= {1 if flag == '--coarse-keep' else 0}; got {value}")
+    for flag, value, low in (("--coarse-prune-after", args.coarse_prune_after, 0),
+                             ("--prune-after", args.prune_after, 0),
+                             ("--coarse-keep", args.coarse_keep, 1)):
+        if value < low:
+            raise _error(f"{flag} must be >= {low}; got {value}")
     if not (args.prune_margin >= 0 and args.prune_margin < float("inf")):
         raise _error(f"--prune-margin must be finite and >= 0 (nats); got {args.prune_margin}")
     return dict(coarse_starts=args.coarse_starts, coarse_steps=args.coarse_steps,

@@ -167,8 +167,8 @@ def find_map(
         graph of the kept starts' shape, before the pruning as after it: no second graph to
         trace and compile, at the price of batching only ``prune_keep`` starts per call. For
         models whose step cost grows in proportion to the batch, as an XLA-compiled posterior
-        on a CPU does. Otherwise (default) the whole batch runs together and the kept starts'
-        graph is compiled in a background thread before the pruning.
+        on a CPU does. Otherwise (default) the whole batch runs together and the chunk's graph
+        is traced and compiled again for the kept starts' shapes when the pruning happens.
 
     Returns
     -------
@@ -340,16 +340,13 @@ def _run_adam(
     steps is an argument of the compiled function (the losses fill a ``per_update``-row
     buffer), so one graph serves every chunk, the last, shorter one included.
 
-    With ``prune = (after, keep, margin)`` (see :func:`find_map`) the kept starts run in a
-    graph of their own shapes, which is traced and compiled in a background thread (by a
-    one-step call on the first ``keep`` starts, whose result is discarded) while the chunks
-    before the pruning run: tracing holds the GIL, but the chunks' execution and XLA's compilation
-    release it. The thread starts after the first chunk, so that the first trace (which
-    builds the model's lazily created parts) is not concurrent with another. With ``grouped``,
-    the starts run in groups of ``keep`` through the kept starts' graph instead.
+    With ``prune = (after, keep, margin)`` (see :func:`find_map`) the kept starts go on through
+    the same function, traced again for their shapes; with ``grouped`` the starts run in
+    groups of ``keep`` from the start, so that one graph serves before and after the pruning.
+    (Compiling the kept starts' graph in a background thread before the pruning was tried:
+    it slowed the two-start chunks of the lensing MAP by ~70 % on a 2-core CPU and still left
+    seconds of waiting.)
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     optimizer = FunctionalAdam(learning_rate)
     rank = len(batch_shape)
 
@@ -375,68 +372,51 @@ def _run_adam(
         )
         return params, opt_state, losses
 
-    def compiled_chunks():
-        return tf.function(run_chunk, jit_compile=bool(jit), autograph=False)
-
     params = [tf.convert_to_tensor(u) for u in unconstrained]
     opt_state = optimizer.init(params)
-    chunk = compiled_chunks()
-    kept_chunk, kept_ready, pool = None, None, None
+    chunk = tf.function(run_chunk, jit_compile=bool(jit), autograph=False)
     traces, seconds = [], []
     done, prev_end, kept = 0, None, None
     conv = np.zeros(batch_shape, bool)
     rel = np.full(conv.shape, np.inf)
-    try:
-        while done < num_steps:
-            n = min(per_update, num_steps - done)
-            if prune is not None and done < prune[0]:
-                n = min(n, prune[0] - done)  # a chunk ends where the pruning can happen
-            t0 = time.perf_counter()
-            if grouped and kept is None:
-                params, opt_state, losses = _grouped_chunk(chunk, params, opt_state, n, prune[1])
-            else:
-                params, opt_state, losses = chunk(params, opt_state, tf.constant(n))
-                losses = losses.numpy()[:n]
-            params = list(params)
-            seconds.append(time.perf_counter() - t0)
-            traces.append(losses if kept is None else _scatter_starts(losses, kept, batch_shape))
-            done += n
-            bar.update(n)
-            end = losses[-1]
-            if prev_end is not None:
-                rel = np.abs(prev_end - end) / np.maximum(1.0, np.abs(end))
-                conv = rel < rtol
-                bar.set_postfix(loss=float(np.sum(end)), rel=float(np.max(rel)))
-                if np.all(conv) or not np.all(np.isfinite(end)):
-                    break
-            prev_end = end
-            if prune is not None and kept is None and kept_ready is None and not grouped:
-                kept_chunk = compiled_chunks()
-                first = [p[:prune[1]] for p in params]
-                pool = ThreadPoolExecutor(1, thread_name_prefix="tfhybrid-adam-compile")
-                kept_ready = pool.submit(kept_chunk, first, optimizer.init(first),
-                                         tf.constant(1))
-            if prune is not None and kept is None and done >= prune[0]:
-                # the prune[1] lowest losses of each column (NaN last), with their Adam moments,
-                # once they lead the others by the margin in every column
-                order = np.argsort(np.where(np.isnan(end), np.inf, end), axis=0, kind="stable")
-                ranked = np.take_along_axis(end, order, axis=0)
-                lead = ranked[prune[1]] - ranked[prune[1] - 1]
-                if not np.all(lead >= prune[2]):  # NaN (a diverged kept start) waits too
-                    continue
-                kept = order[:prune[1]]
-                params = [_take_starts(p, kept) for p in params]
-                step, m, v = opt_state
-                opt_state = (step, [_take_starts(x, kept) for x in m],
-                             [_take_starts(x, kept) for x in v])
-                prev_end = np.take_along_axis(end, kept, axis=0)
-                conv, rel = np.zeros(kept.shape, bool), np.full(kept.shape, np.inf)
-                if not grouped:
-                    kept_ready.result()  # compiled by now, or soon; re-raises what went wrong
-                    chunk = kept_chunk
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
+    while done < num_steps:
+        n = min(per_update, num_steps - done)
+        if prune is not None and done < prune[0]:
+            n = min(n, prune[0] - done)  # a chunk ends where the pruning can happen
+        t0 = time.perf_counter()
+        if grouped and kept is None:
+            params, opt_state, losses = _grouped_chunk(chunk, params, opt_state, n, prune[1])
+        else:
+            params, opt_state, losses = chunk(params, opt_state, tf.constant(n))
+            losses = losses.numpy()[:n]
+        params = list(params)
+        seconds.append(time.perf_counter() - t0)
+        traces.append(losses if kept is None else _scatter_starts(losses, kept, batch_shape))
+        done += n
+        bar.update(n)
+        end = losses[-1]
+        if prev_end is not None:
+            rel = np.abs(prev_end - end) / np.maximum(1.0, np.abs(end))
+            conv = rel < rtol
+            bar.set_postfix(loss=float(np.sum(end)), rel=float(np.max(rel)))
+            if np.all(conv) or not np.all(np.isfinite(end)):
+                break
+        prev_end = end
+        if prune is not None and kept is None and done >= prune[0]:
+            # the prune[1] lowest losses of each column (NaN last), with their Adam moments,
+            # once they lead the others by the margin in every column
+            order = np.argsort(np.where(np.isnan(end), np.inf, end), axis=0, kind="stable")
+            ranked = np.take_along_axis(end, order, axis=0)
+            lead = ranked[prune[1]] - ranked[prune[1] - 1]
+            if not np.all(lead >= prune[2]):  # NaN (a diverged kept start) waits too
+                continue
+            kept = order[:prune[1]]
+            params = [_take_starts(p, kept) for p in params]
+            step, m, v = opt_state
+            opt_state = (step, [_take_starts(x, kept) for x in m],
+                         [_take_starts(x, kept) for x in v])
+            prev_end = np.take_along_axis(end, kept, axis=0)
+            conv, rel = np.zeros(kept.shape, bool), np.full(kept.shape, np.inf)
     return params, np.concatenate(traces), conv, done, rel, seconds, kept
 
 

@@ -537,9 +537,10 @@ def fit_map(
         leads early: on the seed-0 and seed-1 study mocks (20 systems) it ranked within the
         first 4 of 16 at step 150 in every system. It does not pay on a 2-core CPU: a coarse
         step of 5 starts costs ~60 % of one of 16 (the non-XLA graph's per-op overhead
-        dominates), and the kept starts' graph, traced and compiled beside the first steps,
-        slows them twofold; the benchmark system's coarse search took 21.7 s instead of
-        16.3 s (warm compile cache), 22.7 s instead of 20.6 s (cold).
+        dominates) and the kept starts need a graph of their own: the benchmark system's
+        coarse search took 21.7 s instead of 16.3 s (warm compile cache), 22.7 s instead of
+        20.6 s (cold), measured while that graph compiled in a background thread (since
+        removed: it slowed the first steps twofold).
     prune_after, prune_margin : from full-resolution Adam step ``prune_after`` on, only the
         leading start of each system goes on, at the first chunk's end where it leads the
         others by ``prune_margin`` nats in every system (None: all ``num_starts`` run every
