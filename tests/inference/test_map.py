@@ -217,6 +217,107 @@ def test_pruning_bad_inputs_and_no_ops():
         assert res.kept_starts is None and res.log_prob.shape == (2,)
 
 
+def _numpy_adam(grad, x0: np.ndarray, lr: float, steps: range, m=None, v=None):
+    """Adam in float64 NumPy (Keras's bias correction, at the global 0-based ``steps``)."""
+    x = x0.copy()
+    m = np.zeros_like(x) if m is None else m
+    v = np.zeros_like(x) if v is None else v
+    for step in steps:
+        g = grad(x)
+        m, v = m + (g - m) * (1 - 0.9), v + (g * g - v) * (1 - 0.999)
+        t = step + 1
+        x = x + -(lr * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)) * m / (np.sqrt(v) + 1e-7)
+    return x, m, v
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_restart_replaces_the_marked_starts_with_zeroed_moments(jit):
+    """``restart_after``/``restart_fn``: at step 40 the worst start of each system (column)
+    restarts at the best one's point moved (x tripled, y + 1), through a bijector. The starts that
+    were not marked continue exactly as without the restart; a restarted start follows Adam from
+    its new point with zero moments and the run's step count (both against a float64 NumPy
+    Adam, 1e-10). The callback sees the constrained state and the last losses."""
+    centre = np.array([[1.0, -2.0]])  # optimum of y (constrained, > 0 after exp is the x part)
+
+    def lp(x, y):  # x > 0 through Exp; batch (starts, systems)
+        return -(tf.math.log(x) - 0.5) ** 2 - tf.reduce_sum((y - centre) ** 2, -1)
+
+    x0 = np.array([[0.5, 2.0], [1.5, 0.3], [4.0, 1.0]])
+    y0 = np.zeros((3, 2, 2))
+    seen = {}
+
+    def restart_fn(state, loss):
+        seen["state"], seen["loss"] = state, loss
+        best, worst = np.argmin(loss, 0), np.argmax(loss, 0)
+        rows = np.zeros(loss.shape, bool)
+        rows[worst, [0, 1]] = True
+        new = [p.copy() for p in state]
+        # away from the optimum, where Adam's normalised steps would amplify rounding
+        new[0][worst, [0, 1]] = 3.0 * state[0][best, [0, 1]]
+        new[1][worst, [0, 1]] = state[1][best, [0, 1]] + 1.0
+        seen["rows"], seen["new"] = rows, new
+        return rows, new
+
+    args = dict(bijectors=[tfb.Exp(), None], num_steps=100, learning_rate=0.05, rtol=0.0,
+                progress=False, steps_per_update=30, jit_compile=jit)
+    start = [tf.constant(x0), tf.constant(y0)]
+    plain = find_map(lp, start, **args)
+    res = find_map(lp, start, restart_after=40, restart_fn=restart_fn, **args)
+    rows = seen["rows"]
+    # the callback got the constrained state at step 40 and the loss of its last step
+    assert seen["state"][0].shape == (3, 2) and np.all(seen["state"][0] > 0)
+    np.testing.assert_allclose(seen["loss"], res.loss_trace[39], rtol=1e-12)
+    np.testing.assert_array_equal(res.loss_trace[:40], plain.loss_trace[:40])
+
+    def grad_u(w):  # gradient of -lp in unconstrained space, w = (log x, y0, y1)
+        return np.concatenate([2.0 * (w[:1] - 0.5), 2.0 * (w[1:] - centre[0])])
+
+    for i, j in np.ndindex(rows.shape):
+        got = np.concatenate([[np.log(res.state[0].numpy()[i, j])], res.state[1].numpy()[i, j]])
+        w0 = np.concatenate([[np.log(x0[i, j])], y0[i, j]])
+        if rows[i, j]:
+            w_mid, m, v = _numpy_adam(grad_u, w0, 0.05, range(40))
+            w_new = np.concatenate([[np.log(seen["new"][0][i, j])], seen["new"][1][i, j]])
+            want = _numpy_adam(grad_u, w_new, 0.05, range(40, 100))[0]
+        else:
+            want = _numpy_adam(grad_u, w0, 0.05, range(100))[0]
+            np.testing.assert_array_equal(res.state[1].numpy()[i, j],
+                                          plain.state[1].numpy()[i, j])
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    # a restart whose moments were not reset would differ (the check has teeth)
+    w_new = np.concatenate([[np.log(seen["new"][0][0, 0])], seen["new"][1][0, 0]])
+    i = int(np.argmax(rows[:, 0]))
+    _, m, v = _numpy_adam(grad_u, np.concatenate([[np.log(x0[i, 0])], y0[i, 0]]), 0.05,
+                          range(40))
+    kept_moments = _numpy_adam(grad_u, w_new, 0.05, range(40, 100), m, v)[0]
+    fresh = _numpy_adam(grad_u, w_new, 0.05, range(40, 100))[0]
+    assert np.max(np.abs(kept_moments - fresh)) > 1e-6
+
+
+def test_restart_bad_inputs():
+    lp = _rosenbrock_lp
+    two = [tf.constant([-1.2, 1.0]), tf.constant([1.0, 0.5])]
+    with pytest.raises(TfhybridInputError, match="adam"):
+        find_map(lp, two, method="lbfgs", restart_after=5, restart_fn=lambda s, l: None,
+                 progress=False)
+    with pytest.raises(TfhybridInputError, match="callable"):
+        find_map(lp, two, restart_after=5, num_steps=20, progress=False)
+    with pytest.raises(TfhybridInputError, match="cannot be combined"):
+        find_map(lp, two, restart_after=5, restart_fn=lambda s, l: None, prune_after=5,
+                 num_steps=20, progress=False)
+    with pytest.raises(TfhybridInputError, match="rows of shape"):
+        find_map(lp, two, restart_after=5, num_steps=20, progress=False,
+                 restart_fn=lambda s, l: (np.ones(3, bool), s))
+    with pytest.raises(TfhybridInputError, match="outside the support"):
+        find_map(lp, two, bijectors=[tfb.Exp(), None], restart_after=5, num_steps=20,
+                 progress=False, restart_fn=lambda s, l: (np.ones(2, bool), [-s[0], s[1]]))
+    # returning None changes nothing
+    a = find_map(lp, two, num_steps=20, steps_per_update=5, progress=False)
+    b = find_map(lp, two, num_steps=20, steps_per_update=5, progress=False, restart_after=5,
+                 restart_fn=lambda s, l: None)
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+
+
 def test_bijectors_keep_parameters_in_support():
     # Gamma(3, 2) mode is 1; q with a Beta(2, 5) prior has mode 0.2 inside (0, 1)
     def lp(scale, q):

@@ -608,6 +608,91 @@ def test_scale_jump_candidates_keep_the_image_and_restore_the_scale():
     assert lp[0] > lp[1] > post.target_log_prob(*wrong).numpy()[0] - 5.0
 
 
+def test_inline_jumps_restart_the_worst_coarse_starts_from_the_best():
+    """fit_map's jump_stage="inline" callback: the 2 worst starts of each of 2 systems (NaN
+    counts as worst) take the jump candidates of that system's best start; the others keep
+    their state; the factor each start carries is recorded."""
+    from tfhybrid.lens.fit import _inline_jumps, scale_jump_candidates
+
+    model = ScalableBlob()
+    z_true = np.array([[np.log(0.6), 0.4]], np.float32)
+    image = simulate_lensed_image(model.decode(z_true).numpy(),
+                                  {k: [v] for k, v in TRUTH.items()}, CONFIG).numpy()
+    post = LensPosterior(np.concatenate([image, image]), 0.05, model, CONFIG)
+    rng = np.random.default_rng(0)
+    # 4 starts x 2 systems: TRUTH with s and z varied per start
+    state = post.state_from_dict(dict(TRUTH, z=z_true[0]), lead_shape=(4, 2))
+    state = [np.array(p) for p in state]
+    i_s = PARAM_NAMES.index("s")
+    state[i_s] = state[i_s] * rng.uniform(0.5, 1.0, (4, 2)).astype(np.float32)
+    state[-1] = state[-1] + rng.normal(0, 0.1, (4, 2, 2)).astype(np.float32)
+    i_r = PARAM_NAMES.index("r_ein")
+    state[i_r] = state[i_r] * rng.uniform(0.98, 1.02, (4, 2)).astype(np.float32)
+    loss = np.array([[5.0, 1.0], [2.0, np.nan], [9.0, 3.0], [1.0, 7.0]])
+    slot = np.ones((4, 2))
+    rows, new = _inline_jumps(post, (0.6, 1.6), slot)(state, loss)
+    # worst two per system: system 0 -> starts 2, 0; system 1 -> NaN start 1, then start 3
+    want_rows = np.zeros((4, 2), bool)
+    want_rows[[2, 0], 0] = True
+    want_rows[[1, 3], 1] = True
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(slot[:, 0], [1.6, 1.0, 0.6, 1.0])
+    np.testing.assert_array_equal(slot[:, 1], [1.0, 0.6, 1.0, 1.6])
+    best = [3, 0]
+    cand = scale_jump_candidates(post, [tf.constant(p[best, [0, 1]]) for p in state],
+                                 (0.6, 1.6))
+    for part, old, c in zip(new, state, cand, strict=True):
+        np.testing.assert_array_equal(part[~rows], old[~rows])  # the others untouched
+        np.testing.assert_allclose(part[[2, 0], 0], c.numpy()[:, 0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(part[[1, 3], 1], c.numpy()[:, 1], rtol=1e-5, atol=1e-5)
+    # the jumped starts carry the best start's lens and k times its s
+    np.testing.assert_allclose(new[i_s][[2, 0], 0], np.minimum(
+        [0.6 * state[i_s][3, 0], 1.6 * state[i_s][3, 0]],
+        0.98 * post.parameter_prior().model["s"].high), rtol=1e-6)
+    np.testing.assert_array_equal(new[i_r][[2, 0], 0], state[i_r][3, 0])
+    np.testing.assert_array_equal(new[i_r][[1, 3], 1], state[i_r][0, 1])
+
+
+def test_fit_map_inline_jumps_record_the_winning_factor(vae, problem, monkeypatch):
+    """jump_stage="inline" end to end (a short run): the coarse search restarts its 3 worst
+    starts at step 40 of 60 with the jumps (no separate jump run), the full-resolution starts
+    are the 2 best coarse results, and scale_jump is the factor the winning one carries (read
+    off the coarse loss trace: the k-th worst start at step 40 took factor k); bad settings
+    are refused before any work."""
+    import tfhybrid.lens.fit as fit_module
+
+    calls = []
+    real = fit_module.find_map
+
+    def spy(*args, **kwargs):
+        res = real(*args, **kwargs)
+        calls.append((args, kwargs, res))
+        return res
+
+    monkeypatch.setattr(fit_module, "find_map", spy)
+    post = LensPosterior(problem["observed"], SIGMA, vae, CONFIG)
+    fit = fit_map(post, num_starts=2, num_steps=40, coarse_starts=5, coarse_steps=60,
+                  coarse_factor=2, seed=1, progress=False, newton_iter=1, lbfgs_iter=0,
+                  jump_stage="inline", jump_steps=20)
+    assert len(calls) == 2 and calls[0][1]["restart_after"] == 40
+    coarse, full_args = calls[0][2], calls[1][0]
+    factor = np.ones(5)
+    factor[np.argsort(-coarse.loss_trace[39, :, 0], kind="stable")[:3]] = [0.6, 1.6, 2.6]
+    order = np.argsort(-coarse.log_prob[:, 0])[:2]
+    i_r = PARAM_NAMES.index("r_ein")
+    np.testing.assert_array_equal(np.asarray(full_args[1][i_r])[:, 0],
+                                  coarse.state[i_r].numpy()[order, 0])
+    assert fit.scale_jump.shape == (1,)
+    assert fit.scale_jump[0] == factor[order[fit.best_start[0]]]
+    assert "source-scale jumps on the coarse grid won in" in fit.message
+    for kw, match in ((dict(coarse_starts=3), "coarse_starts"),
+                      (dict(jump_steps=60), "jump_steps"),
+                      (dict(coarse_prune_after=10), "cannot be combined")):
+        with pytest.raises(TfhybridInputError, match=match):
+            fit_map(post, num_starts=2, coarse_steps=60, progress=False, jump_stage="inline",
+                    **kw)
+
+
 def test_newton_polish_converges_to_the_mode(vae, problem):
     from tfhybrid.lens.fit import laplace_hessian, newton_polish
 

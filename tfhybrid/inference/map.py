@@ -125,6 +125,8 @@ def find_map(
     prune_keep: int = 1,
     prune_margin: float = 0.0,
     prune_grouped: bool = False,
+    restart_after: int | None = None,
+    restart_fn: Callable | None = None,
 ) -> MapResult:
     """Maximise ``target_log_prob_fn`` (003_* eq. 26) with Adam or L-BFGS.
 
@@ -169,6 +171,14 @@ def find_map(
         models whose step cost grows in proportion to the batch, as an XLA-compiled posterior
         on a CPU does. Otherwise (default) the whole batch runs together and the chunk's graph
         is traced and compiled again for the kept starts' shapes when the pruning happens.
+    restart_after, restart_fn : Adam only: at the end of step ``restart_after`` (a chunk ends
+        there), ``restart_fn(state, loss)`` is called once with the constrained state parts
+        and the last step's loss (batch shape) as NumPy arrays, and returns ``None`` or
+        ``(rows, new_state)``: a boolean array of the batch shape and state parts of the
+        state's shapes. The marked starts are replaced by ``new_state``'s and restart there,
+        their Adam moments set to zero, within the same compiled loop (no new graph): e.g. new
+        starts derived from the best ones so far, in the place of the worst. Not combined
+        with ``prune_after``.
 
     Returns
     -------
@@ -233,6 +243,21 @@ def find_map(
             raise TfhybridInputError("prune_after needs batched starts (a leading batch axis)")
         if prune_keep < batch_shape[0] and prune_after < int(num_steps):
             prune = (int(prune_after), int(prune_keep), float(prune_margin))
+    restart = None
+    if restart_after is not None:
+        if method != "adam":
+            raise TfhybridInputError("restart_after applies to method='adam' only")
+        if not isinstance(restart_after, int | np.integer) or restart_after < 1:
+            raise TfhybridInputError(f"restart_after must be an int >= 1; got "
+                                     f"{restart_after!r}")
+        if not callable(restart_fn):
+            raise TfhybridInputError(f"restart_after needs a callable restart_fn; got "
+                                     f"{restart_fn!r}")
+        if prune_after is not None:
+            raise TfhybridInputError("restart_after and prune_after cannot be combined")
+        if restart_after < int(num_steps):
+            restart = (int(restart_after),
+                       _restart_in_unconstrained(restart_fn, bijs, batch_shape))
     per_update = steps_per_update or max(1, min(100, int(num_steps) // 20))
     bar = tqdm(total=int(num_steps), desc=f"MAP ({method})", disable=not progress, leave=False)
     try:
@@ -240,6 +265,7 @@ def find_map(
             u_final, trace, conv, steps_run, rel, seconds, kept = _run_adam(
                 log_prob_u, unconstrained, batch_shape, num_steps, learning_rate, rtol,
                 per_update, jit_compile, bar, prune, bool(prune_grouped) and prune is not None,
+                restart,
             )
         else:
             kept = None
@@ -321,16 +347,56 @@ class FunctionalAdam:
         dtype = grads[0].dtype
         lr = self.learning_rate(step) if callable(self.learning_rate) else self.learning_rate
         t = tf.cast(step + 1, dtype)
-        alpha = tf.cast(lr, dtype) * tf.sqrt(1.0 - self.beta_2**t) / (1.0 - self.beta_1**t)
+        # a Python float straight to the parameters' dtype (tf.cast would round it to float32)
+        lr = tf.cast(lr, dtype) if tf.is_tensor(lr) else tf.constant(lr, dtype)
+        alpha = lr * tf.sqrt(1.0 - self.beta_2**t) / (1.0 - self.beta_1**t)
         m = [mi + (g - mi) * (1.0 - self.beta_1) for mi, g in zip(m, grads, strict=True)]
         v = [vi + (g * g - vi) * (1.0 - self.beta_2) for vi, g in zip(v, grads, strict=True)]
         updates = [-alpha * mi / (tf.sqrt(vi) + self.epsilon) for mi, vi in zip(m, v, strict=True)]
         return updates, (step + 1, m, v)
 
 
+def _restart_in_unconstrained(restart_fn, bijs, batch_shape):
+    """``restart_fn`` of :func:`find_map` on unconstrained parts: ``(params, loss) ->
+    None | (rows, new_params)``, checked for shapes and finite values."""
+
+    def call(params, loss):
+        state = [b.forward(u).numpy() for b, u in zip(bijs, params, strict=True)]
+        out = restart_fn(state, np.asarray(loss))
+        if out is None:
+            return None
+        rows, new_state = out
+        rows = np.asarray(rows, bool)
+        if rows.shape != tuple(batch_shape) or len(new_state) != len(state):
+            raise TfhybridInputError(
+                f"restart_fn must return (rows of shape {tuple(batch_shape)}, {len(state)} "
+                f"state parts); got rows {rows.shape} and {len(new_state)} parts")
+        new = []
+        for b, old, part in zip(bijs, params, new_state, strict=True):
+            part = tf.convert_to_tensor(np.asarray(part), old.dtype)
+            if part.shape != old.shape:
+                raise TfhybridInputError(
+                    f"restart_fn returned a state part of shape {part.shape}; expected "
+                    f"{old.shape}")
+            u = b.inverse(part)
+            if not bool(tf.reduce_all(tf.math.is_finite(tf.boolean_mask(u, rows)))):
+                raise TfhybridInputError("restart_fn returned a state outside the support "
+                                         "(non-finite in unconstrained space)")
+            new.append(u)
+        return rows, new
+
+    return call
+
+
+def _where_rows(rows: np.ndarray, new, old) -> tf.Tensor:
+    """``new`` where ``rows`` (the batch shape, leading axes), else ``old``."""
+    mask = tf.constant(rows.reshape(rows.shape + (1,) * (old.shape.rank - rows.ndim)))
+    return tf.where(mask, tf.cast(new, old.dtype), old)
+
+
 def _run_adam(
     log_prob_u, unconstrained, batch_shape, num_steps, learning_rate, rtol, per_update, jit, bar,
-    prune=None, grouped=False,
+    prune=None, grouped=False, restart=None,
 ):
     """Adam in compiled chunks of at most ``per_update`` steps (one XLA while-loop each with
     ``jit``).
@@ -346,6 +412,10 @@ def _run_adam(
     (Compiling the kept starts' graph in a background thread before the pruning was tried:
     it slowed the two-start chunks of the lensing MAP by ~70 % on a 2-core CPU and still left
     seconds of waiting.)
+
+    With ``restart = (after, fn)`` (``fn`` from :func:`_restart_in_unconstrained`), the rows it
+    marks at step ``after`` take its new values with zeroed Adam moments; the convergence test
+    starts afresh there.
     """
     optimizer = FunctionalAdam(learning_rate)
     rank = len(batch_shape)
@@ -383,6 +453,8 @@ def _run_adam(
         n = min(per_update, num_steps - done)
         if prune is not None and done < prune[0]:
             n = min(n, prune[0] - done)  # a chunk ends where the pruning can happen
+        if restart is not None and done < restart[0]:
+            n = min(n, restart[0] - done)
         t0 = time.perf_counter()
         if grouped and kept is None:
             params, opt_state, losses = _grouped_chunk(chunk, params, opt_state, n, prune[1])
@@ -395,6 +467,18 @@ def _run_adam(
         done += n
         bar.update(n)
         end = losses[-1]
+        if restart is not None and done >= restart[0]:
+            out = restart[1](params, end)
+            restart = None
+            if out is not None:
+                rows, new = out
+                params = [_where_rows(rows, x, p) for x, p in zip(new, params, strict=True)]
+                step, m, v = opt_state
+                opt_state = (step, [_where_rows(rows, tf.zeros_like(x), x) for x in m],
+                             [_where_rows(rows, tf.zeros_like(x), x) for x in v])
+                prev_end, conv, rel = None, np.zeros(conv.shape, bool), np.full(conv.shape,
+                                                                               np.inf)
+                continue
         if prev_end is not None:
             rel = np.abs(prev_end - end) / np.maximum(1.0, np.abs(end))
             conv = rel < rtol
