@@ -506,7 +506,8 @@ def test_coarse_global_search_finds_the_basin_from_the_prior(vae, problem):
     # The Einstein radius must come out within 1 %.
     post = LensPosterior(problem["observed"], SIGMA, vae, CONFIG)
     fit = fit_map(post, num_starts=1, num_steps=1200, coarse_starts=12, coarse_steps=400,
-                  coarse_factor=2, seed=1, progress=False, newton_iter=3, jump_stage="full")
+                  coarse_factor=2, seed=1, progress=False, newton_iter=3, jump_stage="full",
+                  jump_steps=300)
     assert fit.hessian.shape == (1, 20, 20)
     # the source-scale jumps ran after the search (and a jump only replaces a worse estimate)
     assert fit.scale_jump.shape == (1,) and fit.jump_gain[0] >= 0.0
@@ -672,7 +673,7 @@ def test_fit_map_inline_jumps_record_the_winning_factor(vae, problem, monkeypatc
     monkeypatch.setattr(fit_module, "find_map", spy)
     post = LensPosterior(problem["observed"], SIGMA, vae, CONFIG)
     fit = fit_map(post, num_starts=2, num_steps=40, coarse_starts=5, coarse_steps=60,
-                  coarse_factor=2, seed=1, progress=False, newton_iter=1, lbfgs_iter=0,
+                  coarse_factor=2, seed=1, progress=False, newton_iter=0, jit_compile=False,
                   jump_stage="inline", jump_steps=20)
     assert len(calls) == 2 and calls[0][1]["restart_after"] == 40
     coarse, full_args = calls[0][2], calls[1][0]

@@ -115,10 +115,10 @@ class LensMap:
         :func:`newton_polish` ran (``newton_iter > 0``); :func:`sample_lens_posterior` reuses it.
     scale_jump : (S,) source-scale factor of the winning :func:`source_scale_jumps` candidate
         (1.0 where the optimiser's own best start won), when the jumps ran; with
-        ``jump_stage="coarse"``, the factor of the coarse jump the winning full-resolution
-        start came from (1.0: a coarse start).
+        ``jump_stage="coarse"`` or ``"inline"``, the factor of the coarse jump the winning
+        full-resolution start came from (1.0: a coarse start).
     jump_gain : (S,) log p gained by the jumps (0 where none won), when they ran after the
-        full-resolution optimiser (None with ``jump_stage="coarse"``).
+        full-resolution optimiser (None with ``jump_stage="coarse"`` or ``"inline"``).
     source_residual, residual_sigma : the source-plane residual the estimate was polished
         under (``fit_map(source_residual=...)``) and its σ_δ per system ``(S,)``; None with
         the white likelihood. :meth:`posterior_of` rebuilds that posterior for sampling.
