@@ -388,6 +388,13 @@ def _restart_in_unconstrained(restart_fn, bijs, batch_shape):
     return call
 
 
+def _map_moments(opt_state, fn):
+    """:class:`FunctionalAdam` state with ``fn`` applied to every first and second moment
+    (the step count unchanged)."""
+    step, m, v = opt_state
+    return step, [fn(x) for x in m], [fn(x) for x in v]
+
+
 def _where_rows(rows: np.ndarray, new, old) -> tf.Tensor:
     """``new`` where ``rows`` (the batch shape, leading axes), else ``old``."""
     mask = tf.constant(rows.reshape(rows.shape + (1,) * (old.shape.rank - rows.ndim)))
@@ -473,9 +480,8 @@ def _run_adam(
             if out is not None:
                 rows, new = out
                 params = [_where_rows(rows, x, p) for x, p in zip(new, params, strict=True)]
-                step, m, v = opt_state
-                opt_state = (step, [_where_rows(rows, tf.zeros_like(x), x) for x in m],
-                             [_where_rows(rows, tf.zeros_like(x), x) for x in v])
+                opt_state = _map_moments(opt_state,
+                                         lambda x, r=rows: _where_rows(r, tf.zeros_like(x), x))
                 prev_end, conv, rel = None, np.zeros(conv.shape, bool), np.full(conv.shape,
                                                                                np.inf)
                 continue
@@ -496,9 +502,7 @@ def _run_adam(
                 continue
             kept = order[:prune[1]]
             params = [_take_starts(p, kept) for p in params]
-            step, m, v = opt_state
-            opt_state = (step, [_take_starts(x, kept) for x in m],
-                         [_take_starts(x, kept) for x in v])
+            opt_state = _map_moments(opt_state, lambda x, k=kept: _take_starts(x, k))
             prev_end = np.take_along_axis(end, kept, axis=0)
             conv, rel = np.zeros(kept.shape, bool), np.full(kept.shape, np.inf)
     return params, np.concatenate(traces), conv, done, rel, seconds, kept

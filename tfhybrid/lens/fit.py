@@ -667,19 +667,20 @@ def fit_map(
                 f"coarse_starts ({coarse_starts}) must be >= num_starts ({num_starts})"
             )
         inline = jumps and jump_stage == "inline"
-        if inline and coarse_starts <= len(scale_jumps):
-            raise TfhybridInputError(
-                f"jump_stage='inline' needs coarse_starts ({coarse_starts}) > the number of "
-                f"scale_jumps ({len(scale_jumps)}): the jumps replace the worst coarse starts")
         if inline:
             inline_steps = (2 * coarse_steps) // 3 if jump_steps is None else int(jump_steps)
+            if coarse_starts <= len(scale_jumps):
+                raise TfhybridInputError(
+                    f"jump_stage='inline' needs coarse_starts ({coarse_starts}) > the number "
+                    f"of scale_jumps ({len(scale_jumps)}): the jumps replace the worst coarse "
+                    "starts")
             if not 1 <= inline_steps < coarse_steps:
                 raise TfhybridInputError(
                     f"with jump_stage='inline', jump_steps must be in [1, coarse_steps) = "
                     f"[1, {coarse_steps}); got {jump_steps!r}")
-        if inline and coarse_prune_after is not None:
-            raise TfhybridInputError("jump_stage='inline' cannot be combined with "
-                                     "coarse_prune_after")
+            if coarse_prune_after is not None:
+                raise TfhybridInputError("jump_stage='inline' cannot be combined with "
+                                         "coarse_prune_after")
         if coarse_prune_after is not None and min(coarse_keep, coarse_starts) < num_starts:
             raise TfhybridInputError(
                 f"coarse_keep ({coarse_keep}) must be >= num_starts ({num_starts}): the "
@@ -688,16 +689,13 @@ def fit_map(
                              coarse_steps)
         # the source-scale factor each coarse start ends with (1: none), (starts, S)
         slot_factor = np.ones((coarse_starts, posterior.num_systems))
-        restart_fn = None
-        if inline:
-            restart_fn = _inline_jumps(coarse, scale_jumps, slot_factor)
         res_c = find_map(
             coarse.target_log_prob, list(coarse.initial_states(coarse_starts, seed)),
             bijectors=coarse.bijectors(), method="adam", num_steps=coarse_steps,
             learning_rate=_default_learning_rate(coarse_steps), rtol=rtol, progress=progress,
             jit_compile=False, prune_after=coarse_prune_after, prune_keep=int(coarse_keep),
             restart_after=coarse_steps - inline_steps if inline else None,
-            restart_fn=restart_fn,
+            restart_fn=_inline_jumps(coarse, scale_jumps, slot_factor) if inline else None,
         )
         lp_c = np.asarray(res_c.log_prob).reshape(-1, posterior.num_systems)  # kept starts
         pool = [np.asarray(part) for part in res_c.state]
