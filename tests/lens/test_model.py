@@ -960,3 +960,68 @@ def test_loss_trace_figure_draws_the_dropped_starts_up_to_where_they_end():
     assert len(lines) == 2
     y = lines[1].get_ydata()
     assert np.isfinite(y[:20]).all() and np.isnan(y[20:]).all() and np.nanmin(y) == 1.0
+
+
+def test_posterior_scale_whitening_recovers_a_gaussian_from_a_wrong_laplace_whitening():
+    """For a Gaussian target the re-measured whitening is exact whatever the Laplace one was.
+
+    Two systems, D = 6, precisions P_s with eigenvalues spanning 1e-2..1e3 (in u). The Laplace
+    whitening is built from a wrong Hessian (P with one eigenvalue flipped negative and scaled
+    ×400, as the noisy finite-difference Hessians of the lens posterior are, and another ×1/50).
+    The result A must satisfy A Aᵀ = P⁻¹ (float32 gradients: 1e-3 relative); a direction of
+    zero curvature gets the floor's width, 1/sqrt(floor) Laplace widths.
+    """
+    from tfhybrid.lens.fit import laplace_whitening, posterior_scale_whitening
+
+    rng = np.random.default_rng(5)
+    d = 6
+    prec, wrong = [], []
+    for s in range(2):
+        q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+        lam = np.geomspace(1e-2, 1e3, d) * (1 + 0.3 * s)
+        prec.append(q @ np.diag(lam) @ q.T)
+        bad = lam.copy()
+        bad[1] *= -400.0
+        bad[4] /= 50.0
+        wrong.append(q @ np.diag(bad) @ q.T)
+    prec, wrong = np.stack(prec), np.stack(wrong)
+    centre = rng.normal(size=(2, d))
+
+    def gaussian(precision):  # compiled x -> (log p, gradient), like _log_prob_and_grad's
+        p32 = tf.constant(precision, tf.float32)
+
+        @tf.function
+        def fn(x):
+            r = x - tf.constant(centre, tf.float32)
+            g = -tf.einsum("sij,sj->si", p32, r)
+            return 0.5 * tf.reduce_sum(r * g, -1), g
+
+        return fn
+
+    fn = gaussian(prec)
+    amat = laplace_whitening(wrong)
+    # whitened by it, the target's curvatures are far from 1 (400 and 1/50 as built)
+    curv = np.linalg.eigvalsh(np.transpose(amat, (0, 2, 1)) @ prec @ amat)
+    np.testing.assert_allclose(curv.min(-1), 1 / 400, rtol=1e-6)
+    np.testing.assert_allclose(curv.max(-1), 50, rtol=1e-6)
+    new = posterior_scale_whitening(fn, centre, amat, step=1.0, floor=1e-6)
+    assert new.shape == (2, d, d) and new.dtype == np.float64
+    np.testing.assert_allclose(new @ np.transpose(new, (0, 2, 1)), np.linalg.inv(prec),
+                               rtol=2e-3, atol=1e-6 * np.abs(np.linalg.inv(prec)).max())
+    # whitened by it, the target's curvature is the identity
+    np.testing.assert_allclose(np.transpose(new, (0, 2, 1)) @ prec @ new,
+                               np.broadcast_to(np.eye(d), (2, d, d)), atol=2e-3)
+
+    # a flat direction (zero curvature) is given the floor: width 1/sqrt(floor) there
+    lam, vec = np.linalg.eigh(prec)
+    lam[:, 0] = 0.0
+    flat_prec = np.einsum("sij,sj,skj->sik", vec, lam, vec)
+    amat = laplace_whitening(prec)  # exact elsewhere; 1 Laplace width along the flat one
+    new = posterior_scale_whitening(gaussian(flat_prec), centre, amat, step=1.0, floor=0.04)
+    whitened = np.linalg.solve(amat, new)  # A_laplace^-1 A_new: the widths in Laplace units
+    widths = np.sqrt(np.linalg.eigvalsh(whitened @ np.transpose(whitened, (0, 2, 1))))
+    np.testing.assert_allclose(widths.max(-1), 5.0, rtol=2e-3)  # 1 / sqrt(0.04)
+
+    for bad in (dict(step=0.0), dict(step=np.nan), dict(floor=0.0), dict(floor=-1.0)):
+        with pytest.raises(TfhybridInputError, match="step and floor must be finite and > 0"):
+            posterior_scale_whitening(fn, centre, amat, **bad)

@@ -354,10 +354,14 @@ def run_sample(args) -> int:
           f"min ESS {summary['min_ess']:.0f}, max R-hat {summary['max_r_hat']:.3f} "
           f"-> {args.out}/")
     if adjusted is not None:
-        ratio = np.asarray(summary["std_adjusted"]["r_ein"]) / np.asarray(summary["std"]["r_ein"])
+        sd = np.asarray(summary["std"]["r_ein"], dtype=np.float64)
+        sd_adj = np.asarray(summary["std_adjusted"]["r_ein"], dtype=np.float64)
+        ratio = sd_adj[sd > 0] / sd[sd > 0]  # a chain that never moved has no sd to compare
+        widths = (f"their r_Ein sd / the posterior's: median {np.median(ratio):.2f}, range "
+                  f"{ratio.min():.2f}-{ratio.max():.2f}" if ratio.size else
+                  "no chain moved in r_Ein, so their widths cannot be compared")
         print(f"model-robust (sandwich, {args.robust_block}-pixel windows) draws -> "
-              f"{args.out}/samples_adjusted.npz; their r_Ein sd / the posterior's: median "
-              f"{np.median(ratio):.2f}, range {ratio.min():.2f}-{ratio.max():.2f}")
+              f"{args.out}/samples_adjusted.npz; {widths}")
     low = summary["low_ess_systems"]
     if low:
         names = [labels[i] for i in low]
