@@ -469,6 +469,9 @@ def test_bad_input(vae, problem):
         newton_polish(post, state, num_iter=2.5)
     with pytest.raises(TfhybridInputError, match=r"start_hessian must be a finite \(1, \d+, \d+\)"):
         newton_polish(post, state, start_hessian=np.eye(3))
+    for step in (0.0, -1.0, np.inf):
+        with pytest.raises(TfhybridInputError, match="whitening_step must be None or finite"):
+            sample_lens_posterior(post, state, whitening_step=step, progress=False)
 
 
 def test_coarse_posterior_bins_data_and_matches_binned_model(vae, problem):

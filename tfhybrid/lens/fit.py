@@ -1370,6 +1370,9 @@ def sample_lens_posterior(
     first chunk (20 s instead of 16 s of tracing); on the tests' 64² problem the two cost the
     same.
     """
+    if whitening_step is not None and not (np.isfinite(whitening_step) and whitening_step > 0):
+        raise TfhybridInputError(
+            f"whitening_step must be None or finite and > 0; got {whitening_step!r}")
     if isinstance(start, LensMap):
         state = start.state()
         if hessian is None:
@@ -1389,8 +1392,8 @@ def sample_lens_posterior(
             )
         amat = laplace_whitening(hess)
         if whitening_step is not None:
-            # eq. 26 without the log-Jacobian (whose curvature is ~1e-5 relative): the graph
-            # the MAP's polish compiled, reused when it ran in this process
+            # eq. 26 without the log-Jacobian (whose curvature is ~1e-5 relative): the program
+            # the MAP's polish compiled, which XLA's compile cache (on in the CLI) then serves
             amat = posterior_scale_whitening(
                 _log_prob_and_grad(posterior, bijs, u, sizes, log_det=False), flat, amat,
                 whitening_step)
