@@ -14,8 +14,7 @@ Target: :class:`tfhybrid.lens.model.LensPosterior` (eq. 26) of paper-size 256 x 
   (bijectors, default schedule), XLA off and on: the median of the compiled chunks after the
   first (``MapResult.chunk_seconds``; the first chunk traces and compiles).
 * **HMC**: :func:`tfhybrid.lens.fit.sample_lens_posterior` with its defaults (Laplace
-  preconditioning re-measured at the posterior's scale, 10 leapfrog steps, XLA-compiled
-  chunks, the paper's 50 warm-up + 500 draws)
+  preconditioning, 10 leapfrog steps, XLA-compiled chunks, the paper's 50 warm-up + 500 draws)
   from the MAP, MEASURED end to end (tracing included; the Hessian comes from the MAP, as in
   the pipeline), and the steady seconds per draw (median compiled chunk / its draws).
   ``--quick`` runs 20 + 100 draws and extrapolates the steady cost to 550, saying so.

@@ -162,6 +162,12 @@ def test_bad_input_one_line_no_output(tmp_path, capsys):
                  "--out", str(tmp_path / "f")]) == 2
     assert "--robust-block must be >= 0 (pixels; 0: none); got -1" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
+    for flag, value in (("--whitening-step", "0"), ("--whitening-floor", "inf")):
+        assert main(["lens", "sample", "--mock", str(tmp_path / "missing.fits"), "--map",
+                     str(tmp_path / "missing.json"), flag, value,
+                     "--out", str(tmp_path / "f")]) == 2
+        assert f"{flag} must be finite and > 0; got" in capsys.readouterr().err
+        assert not (tmp_path / "f").exists()
     assert main(["demo", "--map-steps", "0", "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()
 

@@ -360,8 +360,20 @@ def test_fit_map_with_a_source_residual_polishes_and_samples_that_posterior(vae,
     # strong, non-Gaussian feature that biases the white fit and this one alike)
     truth_lp = post_r.target_log_prob(*post.state_from_dict(dict(TRUTH, z=problem["z"][0])))
     assert fit.log_prob[0] > truth_lp.numpy()[0]
-    samples = sample_lens_posterior(post, fit, num_results=4, num_burnin=0, progress=False)
+    # the sampler (here with the opt-in whitening at the posterior's scale) runs on the
+    # residual posterior
+    rewhitened = []
+
+    def spy_whitening(fn, flat, amat, step, floor):
+        rewhitened.append((step, floor, amat.shape))
+        return real_whitening(fn, flat, amat, step, floor)
+
+    real_whitening = fit_module.posterior_scale_whitening
+    monkeypatch.setattr(fit_module, "posterior_scale_whitening", spy_whitening)
+    samples = sample_lens_posterior(post, fit, num_results=4, num_burnin=0, progress=False,
+                                    whitening_step=1.0)
     assert np.all(np.isfinite(samples.params["r_ein"]))
+    assert rewhitened == [(1.0, 2e-3, fit.hessian.shape)]
     with pytest.raises(TfhybridInputError, match="already has a source residual"):
         fit_map(post_r, initial_state=init, source_residual=RESIDUAL, progress=False)
     with pytest.raises(TfhybridInputError, match="newton_iter >= 1"):

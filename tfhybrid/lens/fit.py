@@ -1275,8 +1275,7 @@ def laplace_whitening(hess: np.ndarray, rel_floor: float = 1e-6) -> np.ndarray:
     return vec / np.sqrt(mag)[..., None, :]
 
 
-#: Step, in Laplace-whitened units, of :func:`posterior_scale_whitening` in
-#: :func:`sample_lens_posterior` (None there: the Laplace whitening alone).
+#: Step, in Laplace-whitened units, of :func:`posterior_scale_whitening`.
 DEFAULT_WHITENING_STEP = 1.0
 #: Floor of the curvatures :func:`posterior_scale_whitening` measures (Laplace-whitened units:
 #: a direction at the floor gets a width of 1 / sqrt(floor) ≈ 22 Laplace widths).
@@ -1299,15 +1298,23 @@ def posterior_scale_whitening(fn, flat, amat, step: float = DEFAULT_WHITENING_ST
     ``floor``, and ``A ← A V diag(λ)^(-1/2)``. For a Gaussian target the result whitens it
     exactly whatever ``amat`` was (central differences of a linear gradient are exact).
 
-    Measured (seed-2 study MAPs with the 24² residual, 50 + 500 HMC draws, the same seed with
-    and without it, 2026-11-26): the smallest ESS of r_Ein, γ, φ and q rose from 26 to 48,
-    151 to 261 and 13 to 29 in three systems (r_Ein 26 → 48, 268 → 261, 23 → 30; γ 324 → 328,
-    151 → 321, 56 → 349; q 35 → 55, 227 → 268, 13 → 29), and the widest whitened spread of the
-    draws fell from 25, 9 and 18 to 10, 7 and 7 Laplace-whitened units (1 would be exact), for
-    2D = 152 more gradients (~2 s per system; the wall time of the two-system run was the same,
-    238 s against 240 s). Step 0.3 instead of 1 measured more negative curvatures; a floor of
-    0.02 instead of 2e-3 left r_Ein's ESS at 42 in the first system. Re-whitening by the
-    covariance of 150 warm-up draws instead did not help (ESS of r_Ein 16 and 6 in two
+    Opt-in (:func:`sample_lens_posterior`'s ``whitening_step``; ``tfhybrid lens sample
+    --whitening-step 1``): it helps some systems and hurts others. Measured 2026-11-26 with
+    the 24² residual, 50 + 500 HMC draws from the MAP, the same seed with and without it (ESS
+    of r_Ein / γ / q / φ, Laplace whitening → this with floor 2e-3 → with floor 0.05):
+
+    * seed-2 study system 0: 26 / 324 / 35 / 340 → 48 / 328 / 55 / 226 → 11 / 244 / 13 / 111;
+    * system 4: 268 / 151 / 227 / 157 → 261 / 321 / 268 / 492 → 66 / 134 / 74 / 59;
+    * system 5: 23 / 56 / 13 / 46 → 30 / 349 / 29 / 45 → 22 / 181 / 19 / 76;
+    * the demo's system (150 draws): 6.1 / 57 / 6.2 / 25 → 5.7 / 6.0 / 6.2 / 16 (the step
+      size adapted to 0.024 instead of 0.13: a direction the floor widened too much) →
+      21 / 21 / 35 / 20 (floor 0.3: 15 / 27 / 16 / 14).
+
+    The widest whitened spread of the study draws fell from 25, 9 and 18 to 10, 7 and 7
+    Laplace-whitened units with floor 2e-3 (1 would be exact), for 2D = 152 more gradients
+    (~2 s per system). One chain of 500 correlated draws estimates such ESS only to a factor of
+    ~2, so no floor is established as better than the Laplace whitening. Re-whitening by the
+    covariance of 150 warm-up draws did not help either (ESS of r_Ein 16 and 6 in two
     systems): the chain explores too slowly in the Laplace whitening for its draws to measure
     the posterior's widths.
 
@@ -1345,18 +1352,20 @@ def sample_lens_posterior(
     jit_compile: bool = True,
     precondition: bool = True,
     hessian: np.ndarray | None = None,
-    whitening_step: float | None = DEFAULT_WHITENING_STEP,
+    whitening_step: float | None = None,
+    whitening_floor: float = DEFAULT_WHITENING_FLOOR,
 ) -> LensSamples:
     """HMC (or NUTS) draws of all parameters and ``z`` of every system, from ``start``.
 
     The paper's schedule by default: 50 warm-up draws, then 500 draws, starting from the MAP.
     With ``precondition`` (default) the sampler runs in whitened coordinates ``w`` with
     ``u = u_MAP + A w`` (``u`` the bijectors' unconstrained space, ``A Aᵀ`` the inverse Hessian
-    at the MAP from :func:`laplace_hessian`, re-measured at the posterior's scale by
-    :func:`posterior_scale_whitening` with ``whitening_step``; None: the Laplace whitening
-    alone), where the 76 correlated parameters of every system
-    have roughly unit, uncorrelated widths: the step size starts at 0.15 (unless ``step_size``)
-    and the ``num_burnin`` warm-up draws (if ≥ 20) adapt it per system by dual averaging (no
+    at the MAP from :func:`laplace_hessian`; with a ``whitening_step``, re-measured at the
+    posterior's scale by :func:`posterior_scale_whitening` with that step and
+    ``whitening_floor``, an option that helps some systems' mixing and hurts others'), where
+    the 76 correlated parameters of every system have roughly unit, uncorrelated widths: the
+    step size starts at 0.15 (unless ``step_size``) and the ``num_burnin`` warm-up draws (if
+    ≥ 20) adapt it per system by dual averaging (no
     mass-matrix adaptation); they are then discarded. Without it,
     the engine adapts step size and diagonal mass matrix during ``num_burnin`` steps, which
     with the paper's 50 steps collapsed the step size on the mocks. Chains after the first start
@@ -1396,7 +1405,7 @@ def sample_lens_posterior(
             # the MAP's polish compiled, which XLA's compile cache (on in the CLI) then serves
             amat = posterior_scale_whitening(
                 _log_prob_and_grad(posterior, bijs, u, sizes, log_det=False), flat, amat,
-                whitening_step)
+                whitening_step, whitening_floor)
         amat = tf.constant(amat, tf.float32)
     else:
         amat = tf.eye(int(flat.shape[1]), batch_shape=[int(flat.shape[0])])
