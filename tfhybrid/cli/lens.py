@@ -27,6 +27,7 @@ from tfhybrid.lens.defaults import (
     DEFAULT_RESIDUAL_ROUNDS,
     DEFAULT_ROBUST_BLOCK,
     DEFAULT_SOURCE_RESIDUAL_GRID,
+    DEFAULT_WHITENING_FLOOR,
 )
 
 
@@ -170,7 +171,7 @@ def register(subparsers) -> None:
                                 "(central differences at H Laplace widths; helps some "
                                 "systems' mixing, hurts others'; default: the Laplace "
                                 "whitening alone)")
-            p.add_argument("--whitening-floor", type=float, default=2e-3,
+            p.add_argument("--whitening-floor", type=float, default=DEFAULT_WHITENING_FLOOR,
                            help="with --whitening-step: the smallest curvature taken "
                                 "(Laplace-whitened units; width <= 1/sqrt of it)")
             p.add_argument("--robust-block", type=int, default=DEFAULT_ROBUST_BLOCK,

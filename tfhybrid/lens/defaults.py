@@ -57,3 +57,9 @@ DEFAULT_RESIDUAL_PIXEL_FACTOR = 1.0
 #: correlation length in the image (the PSF, σ = 1.25 pixels, and the lensed source's
 #: features), small enough for ~(256 / 16)² independent windows
 DEFAULT_ROBUST_BLOCK = 16
+#: step, in Laplace-whitened units, of the opt-in HMC whitening at the posterior's scale
+#: (tfhybrid.lens.fit.posterior_scale_whitening; ``tfhybrid lens sample --whitening-step``)
+DEFAULT_WHITENING_STEP = 1.0
+#: floor of the curvatures that whitening measures (Laplace-whitened units: a direction at the
+#: floor gets a width of 1 / sqrt(floor) ≈ 22 Laplace widths)
+DEFAULT_WHITENING_FLOOR = 2e-3

@@ -33,6 +33,8 @@ from tfhybrid.lens.defaults import (
     DEFAULT_PRUNE_AFTER,
     DEFAULT_PRUNE_MARGIN,
     DEFAULT_RESIDUAL_ROUNDS,
+    DEFAULT_WHITENING_FLOOR,
+    DEFAULT_WHITENING_STEP,
 )
 from tfhybrid.lens.model import STATE_NAMES, LensPosterior
 from tfhybrid.physics.lens_profiles import circularised_einstein_radius
@@ -1273,13 +1275,6 @@ def laplace_whitening(hess: np.ndarray, rel_floor: float = 1e-6) -> np.ndarray:
     mag = np.abs(lam)
     mag = np.maximum(mag, rel_floor * mag.max(axis=-1, keepdims=True) + 1e-30)
     return vec / np.sqrt(mag)[..., None, :]
-
-
-#: Step, in Laplace-whitened units, of :func:`posterior_scale_whitening`.
-DEFAULT_WHITENING_STEP = 1.0
-#: Floor of the curvatures :func:`posterior_scale_whitening` measures (Laplace-whitened units:
-#: a direction at the floor gets a width of 1 / sqrt(floor) ≈ 22 Laplace widths).
-DEFAULT_WHITENING_FLOOR = 2e-3
 
 
 def posterior_scale_whitening(fn, flat, amat, step: float = DEFAULT_WHITENING_STEP,
