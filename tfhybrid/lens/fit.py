@@ -54,6 +54,7 @@ __all__ = [
     "source_scale_jumps",
     "laplace_hessian",
     "laplace_whitening",
+    "posterior_scale_whitening",
     "newton_polish",
     "residual_sigma_by_evidence",
     "polish_with_source_residual",
