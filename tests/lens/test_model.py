@@ -484,6 +484,9 @@ def test_bad_input(vae, problem):
     for step in (0.0, -1.0, np.inf):
         with pytest.raises(TfhybridInputError, match="whitening_step must be None or finite"):
             sample_lens_posterior(post, state, whitening_step=step, progress=False)
+    with pytest.raises(TfhybridInputError, match="whitening_floor must be finite and > 0"):
+        sample_lens_posterior(post, state, whitening_step=1.0, whitening_floor=0.0,
+                              progress=False)
 
 
 def test_coarse_posterior_bins_data_and_matches_binned_model(vae, problem):

@@ -1361,8 +1361,8 @@ def sample_lens_posterior(
     ``whitening_floor``, an option that helps some systems' mixing and hurts others'), where
     the 76 correlated parameters of every system have roughly unit, uncorrelated widths: the
     step size starts at 0.15 (unless ``step_size``) and the ``num_burnin`` warm-up draws (if
-    ≥ 20) adapt it per system by dual averaging (no
-    mass-matrix adaptation); they are then discarded. Without it,
+    ≥ 20) adapt it per system by dual averaging (no mass-matrix adaptation); they are then
+    discarded. Without it,
     the engine adapts step size and diagonal mass matrix during ``num_burnin`` steps, which
     with the paper's 50 steps collapsed the step size on the mocks. Chains after the first start
     from the MAP jittered by 0.1 · N(0, 1) in sampler units. ``checkpoint_dir`` makes the run
@@ -1375,9 +1375,13 @@ def sample_lens_posterior(
     first chunk (20 s instead of 16 s of tracing); on the tests' 64² problem the two cost the
     same.
     """
+    # both checked here, before any Hessian is read or evaluated
     if whitening_step is not None and not (np.isfinite(whitening_step) and whitening_step > 0):
         raise TfhybridInputError(
             f"whitening_step must be None or finite and > 0; got {whitening_step!r}")
+    if not (np.isfinite(whitening_floor) and whitening_floor > 0):
+        raise TfhybridInputError(
+            f"whitening_floor must be finite and > 0; got {whitening_floor!r}")
     if isinstance(start, LensMap):
         state = start.state()
         if hessian is None:
