@@ -133,10 +133,7 @@ def pipeline_times(posterior, num_starts=DEFAULT_NUM_STARTS, num_steps=DEFAULT_M
     total = time.perf_counter() - t0
     st = fit.stage_seconds
     jumps = {"full": f"source-scale jumps 3 x {num_steps // 2}",
-             "coarse": f"coarse source-scale jumps 3 x {coarse_steps}",
-             "inline": "3 of them restarted as source-scale jumps at step "
-                       f"{coarse_steps - (2 * coarse_steps) // 3}"
-             }[jump_stage]
+             "coarse": f"coarse source-scale jumps 3 x {coarse_steps}"}[jump_stage]
     search = total - st.get("polish", 0.0) - st.get("source residual", 0.0)
     stages = {
         f"search: coarse {coarse_starts} x {coarse_steps} + {jumps}, then Adam {num_starts} x "
@@ -166,7 +163,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--num-starts", type=int, default=DEFAULT_NUM_STARTS,
                    help="full-resolution starts (fit_map's default)")
-    p.add_argument("--jump-stage", choices=("inline", "coarse", "full"), default=DEFAULT_JUMP_STAGE,
+    p.add_argument("--jump-stage", choices=("coarse", "full"), default=DEFAULT_JUMP_STAGE,
                    help="fit_map's jump_stage (default: fit_map's own)")
     p.add_argument("--no-xla-off", action="store_true",
                    help="skip the Adam rows with XLA off (fit_map uses XLA)")

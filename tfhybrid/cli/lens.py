@@ -51,13 +51,9 @@ def add_map_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-jumps", type=float, nargs="*", default=[0.6, 1.6, 2.6],
                    help="source-scale factors tried (s -> k s with the source redrawn; "
                         "none: off), where --jump-stage says")
-    p.add_argument("--jump-stage", choices=("inline", "coarse", "full"),
-                   default=DEFAULT_JUMP_STAGE,
-                   help="inline: the jumps restart the worst coarse starts a third of the "
-                        "way through the coarse search; coarse: they run on the coarse grid "
-                        "after it; "
-                        "full: after the full-resolution fit (slowest). Default: "
-                        "%(default)s")
+    p.add_argument("--jump-stage", choices=("coarse", "full"), default=DEFAULT_JUMP_STAGE,
+                   help="coarse: the jumps run on the coarse grid after the global search; "
+                        "full: after the full-resolution fit (slowest). Default: %(default)s")
     p.add_argument("--newton-iter", type=int, default=DEFAULT_NEWTON_ITER,
                    help="damped Newton iterations with the full Hessian after Adam "
                         "(0: no polish)")

@@ -118,10 +118,10 @@ class LensMap:
         :func:`newton_polish` ran (``newton_iter > 0``); :func:`sample_lens_posterior` reuses it.
     scale_jump : (S,) source-scale factor of the winning :func:`source_scale_jumps` candidate
         (1.0 where the optimiser's own best start won), when the jumps ran; with
-        ``jump_stage="coarse"`` or ``"inline"``, the factor of the coarse jump the winning
-        full-resolution start came from (1.0: a coarse start).
+        ``jump_stage="coarse"``, the factor of the coarse jump the winning full-resolution
+        start came from (1.0: a coarse start).
     jump_gain : (S,) log p gained by the jumps (0 where none won), when they ran after the
-        full-resolution optimiser (None with ``jump_stage="coarse"`` or ``"inline"``).
+        full-resolution optimiser (None with ``jump_stage="coarse"``).
     source_residual, residual_sigma : the source-plane residual the estimate was polished
         under (``fit_map(source_residual=...)``) and its σ_δ per system ``(S,)``; None with
         the white likelihood. :meth:`posterior_of` rebuilds that posterior for sampling.
@@ -481,30 +481,6 @@ def residual_sigma_by_evidence(posterior: LensPosterior, state,
     return sigma, gain
 
 
-def _inline_jumps(coarse: LensPosterior, factors, slot_factor: np.ndarray):
-    """``find_map``'s ``restart_fn`` for ``jump_stage="inline"``: from each system's best
-    coarse start, the :func:`scale_jump_candidates` for ``factors``, in the place of that
-    system's ``len(factors)`` worst starts (NaN first). ``slot_factor`` ``(starts, S)`` is
-    filled with the factor each start now carries."""
-
-    def restart(state, loss):  # state parts (C, S, ...), loss (C, S) = -log p
-        loss = np.where(np.isfinite(loss), loss, np.inf)
-        cols = np.arange(loss.shape[1])
-        best = np.argmin(loss, axis=0)
-        cand = scale_jump_candidates(coarse, [tf.constant(p[best, cols]) for p in state],
-                                     factors)  # parts (K, S, ...)
-        worst = np.argsort(-loss, axis=0, kind="stable")[:len(factors)]  # (K, S)
-        rows = np.zeros(loss.shape, bool)
-        rows[worst, cols[None]] = True
-        new = [p.copy() for p in state]
-        for part, c in zip(new, cand, strict=True):
-            part[worst, cols[None]] = np.asarray(c)
-        slot_factor[worst, cols[None]] = np.asarray(factors, np.float64)[:, None]
-        return rows, new
-
-    return restart
-
-
 def fit_map(
     posterior: LensPosterior,
     num_starts: int = DEFAULT_NUM_STARTS,
@@ -583,25 +559,18 @@ def fit_map(
         10-mock study a jump won in 7 of 10 systems, raising log p by 8–405 nats (2 150 in
         all), for ~15 s per system.
     jump_steps : optimiser steps of each jump candidate (default ``num_steps // 2``; on the
-        coarse grid ``coarse_steps``; inline, the last ``2 coarse_steps // 3`` coarse steps).
+        coarse grid ``coarse_steps``).
     jump_stage : "coarse" (default): the jumps start from each system's best coarse optimum
         and run on the coarse grid, as part of the global search, and their results compete
         with the coarse starts for the ``num_starts`` full-resolution starts; "full": they
         start from the full-resolution optimum, as described above. On the 10-mock study
         (v12 against v9) "coarse" took 488 s instead of 593 s and ended higher in log p by
         +404 nats in all (5 systems higher by 11–215, 5 lower by 5–38); on the benchmark
-        system the MAP took 46 s instead of 73 s. "inline": within the coarse search itself,
-        after ``coarse_steps - jump_steps`` steps the jumps from each system's best coarse
-        start so far restart its ``len(scale_jumps)`` worst coarse starts (``find_map``'s
-        ``restart_fn``, zeroed Adam moments), so no separate optimiser graph is traced and
-        run; needs ``coarse_starts > len(scale_jumps)``. Not the default: on the benchmark
-        system (2-core CPU, warm compile cache, alternating runs) the search took 19.5 and
-        25.1 s instead of 26.6 and 30.4 s, but it led to another optimum (log p +197, r_Ein
-        3.2 % off instead of 1.3 %) whose polish took 8–13 s longer (MAP with the residual
-        86–88 s against 73–84 s); on the seed-1 study (10 mocks) log p −26.5 nats in all
-        (−56 in one system, where the 1.6 jump no longer won; +32 and +25 in two), r_Ein and
-        γ both within 1 % in 6/10 either way, θ_E and γ 8/10 instead of 10/10. Restarting
-        halfway (250 of 500 steps) instead: −59.9 nats in all.
+        system the MAP took 46 s instead of 73 s. (An "inline" stage, where the jumps from
+        each system's best coarse start so far restarted its worst coarse starts within the
+        coarse search, was measured and removed: on the seed-1 study, log p −26.5 nats in
+        all and θ_E and γ both within 1 % in 8/10 instead of 10/10; with the residual, the
+        benchmark system's MAP took 86–88 s against 73–84 s.)
     newton_iter : damped Newton iterations with the full Hessian after the optimiser
         (:func:`newton_polish`), which converge the poorly constrained directions that Adam
         leaves short of the mode, then ``lbfgs_iter`` L-BFGS iterations in coordinates whitened
@@ -645,9 +614,8 @@ def fit_map(
     scale_jumps = () if scale_jumps is None else tuple(np.ravel(scale_jumps).tolist())
     if not all(np.isfinite(k) and k > 0 for k in scale_jumps):
         raise TfhybridInputError(f"scale_jumps must be factors > 0; got {scale_jumps!r}")
-    if jump_stage not in ("full", "coarse", "inline"):
-        raise TfhybridInputError(
-            f"jump_stage must be 'inline', 'coarse' or 'full'; got {jump_stage!r}")
+    if jump_stage not in ("full", "coarse"):
+        raise TfhybridInputError(f"jump_stage must be 'coarse' or 'full'; got {jump_stage!r}")
     if source_residual is not None:
         if not isinstance(source_residual, SourceResidualConfig):
             raise TfhybridInputError(
@@ -669,41 +637,22 @@ def fit_map(
             raise TfhybridInputError(
                 f"coarse_starts ({coarse_starts}) must be >= num_starts ({num_starts})"
             )
-        inline = jumps and jump_stage == "inline"
-        if inline:
-            inline_steps = (2 * coarse_steps) // 3 if jump_steps is None else int(jump_steps)
-            if coarse_starts <= len(scale_jumps):
-                raise TfhybridInputError(
-                    f"jump_stage='inline' needs coarse_starts ({coarse_starts}) > the number "
-                    f"of scale_jumps ({len(scale_jumps)}): the jumps replace the worst coarse "
-                    "starts")
-            if not 1 <= inline_steps < coarse_steps:
-                raise TfhybridInputError(
-                    f"with jump_stage='inline', jump_steps must be in [1, coarse_steps) = "
-                    f"[1, {coarse_steps}); got {jump_steps!r}")
-            if coarse_prune_after is not None:
-                raise TfhybridInputError("jump_stage='inline' cannot be combined with "
-                                         "coarse_prune_after")
         if coarse_prune_after is not None and min(coarse_keep, coarse_starts) < num_starts:
             raise TfhybridInputError(
                 f"coarse_keep ({coarse_keep}) must be >= num_starts ({num_starts}): the "
                 "full-resolution starts are the best coarse ones kept")
         coarse = _coarse_for(posterior, coarse_factor, coarse_starts * posterior.num_systems,
                              coarse_steps)
-        # the source-scale factor each coarse start ends with (1: none), (starts, S)
-        slot_factor = np.ones((coarse_starts, posterior.num_systems))
         res_c = find_map(
             coarse.target_log_prob, list(coarse.initial_states(coarse_starts, seed)),
             bijectors=coarse.bijectors(), method="adam", num_steps=coarse_steps,
             learning_rate=_default_learning_rate(coarse_steps), rtol=rtol, progress=progress,
             jit_compile=False, prune_after=coarse_prune_after, prune_keep=int(coarse_keep),
-            restart_after=coarse_steps - inline_steps if inline else None,
-            restart_fn=_inline_jumps(coarse, scale_jumps, slot_factor) if inline else None,
         )
         lp_c = np.asarray(res_c.log_prob).reshape(-1, posterior.num_systems)  # kept starts
         pool = [np.asarray(part) for part in res_c.state]
-        if res_c.kept_starts is not None:
-            slot_factor = np.ones(lp_c.shape)
+        # the source-scale factor each start of the pool carries (1: a coarse start)
+        slot_factor = np.ones(lp_c.shape)
         if jumps and jump_stage == "coarse":
             best_c = np.argmax(np.where(np.isfinite(lp_c), lp_c, -np.inf), axis=0)
             cols_c = np.arange(lp_c.shape[1])
@@ -757,7 +706,7 @@ def fit_map(
         params[name] = arr[best, cols]
     z = np.asarray(res.state[-1], dtype=np.float32).reshape(lp.shape + (-1,))[best, cols]
     fit = LensMap(params, z, lp[best, cols], best_start, res, wall)
-    if jumps and jump_stage in ("coarse", "inline"):
+    if jumps and jump_stage == "coarse":
         fit.scale_jump = start_factor[best_start, cols]
     elif jumps:  # jump_stage == "full"
         t1 = time.perf_counter()
