@@ -143,3 +143,22 @@ def test_cache_info_and_clear(capsys, tmp_path):
     assert main(["--compile-cache", str(tmp_path / "none"), "cache", "info"]) == 0
     assert "0 programs" in capsys.readouterr().out
     assert main(["cache"]) == 2  # no action: its help
+
+
+@pytest.mark.parametrize("given, argv, want", [
+    (None, [], "3"),            # the default: TensorFlow's C++ errors hidden
+    ("1", [], "1"),             # the user's own level wins
+    (None, ["--debug"], None),  # --debug leaves TensorFlow's logging alone
+])
+def test_tensorflow_log_level(monkeypatch, capsys, given, argv, want):
+    """The command hides TensorFlow's C++ log up to ERROR: a warm compile cache makes
+    TensorFlow log a spurious text-format parse error for every program it loads."""
+    import os
+
+    if given is None:
+        monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", given)
+    assert main(argv) == 0  # no subcommand: the help
+    capsys.readouterr()
+    assert os.environ.get("TF_CPP_MIN_LOG_LEVEL") == want

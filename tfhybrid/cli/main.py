@@ -75,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     if not debug:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        # TensorFlow's C++ log at ERROR level too: with the compile cache (on by default)
+        # TensorFlow logs "Error parsing text-format tensorflow.XlaSerializedCacheEntry" for
+        # every program it loads (it tries the text format before the binary one, which then
+        # loads), and on a machine without a GPU "failed call to cuInit"; a real failure
+        # raises, and the command prints it. Your own TF_CPP_MIN_LOG_LEVEL, or --debug, wins.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
