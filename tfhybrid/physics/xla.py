@@ -196,6 +196,10 @@ def enable_compile_cache(directory) -> Path:
     its runtime starts (a :class:`TfhybridInputError` says so otherwise). Calling it again
     with the same directory returns the same path. The cache is never pruned (~25 MB per
     fit configuration): :func:`clear_compile_cache` (``tfhybrid cache clear``) empties it.
+    TensorFlow logs a harmless "Error parsing text-format tensorflow.XlaSerializedCacheEntry"
+    for each program it reads back (it tries the text format first, then loads the binary
+    one); ``TF_CPP_MIN_LOG_LEVEL=3``, set before TensorFlow is imported, hides it (the
+    ``tfhybrid`` command does so by default).
     Returns the shared subdirectory.
     """
     import atexit
