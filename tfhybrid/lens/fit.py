@@ -1258,7 +1258,9 @@ def posterior_scale_whitening(fn, flat, amat, step: float = DEFAULT_WHITENING_ST
     The widest whitened spread of the study draws fell from 25, 9 and 18 to 10, 7 and 7
     Laplace-whitened units with floor 2e-3 (1 would be exact), for 2D = 152 more gradients
     (~2 s per system). One chain of 500 correlated draws estimates such ESS only to a factor of
-    ~2, so no floor is established as better than the Laplace whitening. Re-whitening by the
+    ~2 or worse (system 5 sampled alone with the Laplace whitening, 2026-11-26: 22 / 299 / 17 /
+    175 against the 23 / 56 / 13 / 46 above), so no floor is established as better than the
+    Laplace whitening. Re-whitening by the
     covariance of 150 warm-up draws did not help either (ESS of r_Ein 16 and 6 in two
     systems): the chain explores too slowly in the Laplace whitening for its draws to measure
     the posterior's widths.
