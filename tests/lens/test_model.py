@@ -330,7 +330,7 @@ def test_fit_map_with_a_source_residual_polishes_and_samples_that_posterior(vae,
         traced = [f.experimental_get_tracing_count() for f in
                   vars(posterior).get("_value_and_gradient_fns", {}).values()]
         out = polish(posterior, state, **kwargs)
-        calls.append((posterior, kwargs.get("start_hessian"), out[2], traced))
+        calls.append((posterior, kwargs.get("start_hessian"), out[2], traced, kwargs))
         return out
 
     def spy_start(*args):
@@ -340,10 +340,14 @@ def test_fit_map_with_a_source_residual_polishes_and_samples_that_posterior(vae,
     monkeypatch.setattr(fit_module, "newton_polish", spy)
     monkeypatch.setattr(fit_module, "_start_residual_polish_graph", spy_start)
     fit = fit_map(post, initial_state=init, num_steps=100, newton_iter=1, lbfgs_iter=20,
-                  lbfgs_cycles=1, source_residual=RESIDUAL, residual_rounds=1, progress=False)
-    # the white polish, then the residual one, whose Newton starts from the white Hessian
-    assert [c[0].source_residual for c in calls] == [None, RESIDUAL] and calls[0][1] is None
-    assert calls[1][1] is calls[0][2] and fit.hessian is calls[1][2]
+                  lbfgs_cycles=2, source_residual=RESIDUAL, residual_rounds=2, progress=False)
+    # the white polish, then the residual one, whose Newton starts from the white Hessian;
+    # then a second residual round (σ_δ re-chosen): no Newton, one L-BFGS run whitened by the
+    # first round's Hessian
+    assert [c[0].source_residual for c in calls] == [None, RESIDUAL, RESIDUAL]
+    assert calls[0][1] is None and calls[1][1] is calls[0][2] and calls[2][1] is calls[1][2]
+    assert [(c[4]["num_iter"], c[4]["lbfgs_cycles"]) for c in calls] == [(1, 2), (1, 2), (0, 1)]
+    assert calls[2][0] is calls[1][0] and fit.hessian is calls[2][2]
     # the residual polish ran on the posterior whose graph was compiled in the background
     # during the white polish: traced once before the polish began, and not again
     assert len(started) == 1 and started[0][1].done() and calls[1][0] is started[0][0]
@@ -384,6 +388,8 @@ def test_fit_map_with_a_source_residual_polishes_and_samples_that_posterior(vae,
                 progress=False)
     with pytest.raises(TfhybridInputError, match="rounds and newton_iter must be >= 1"):
         polish_with_source_residual(post, fit, RESIDUAL, rounds=0)
+    with pytest.raises(TfhybridInputError, match="later_cycles must be an int >= 0; got -1"):
+        polish_with_source_residual(post, fit, RESIDUAL, later_cycles=-1)
 
 
 def test_bijectors_keep_parameters_in_support(vae, problem):

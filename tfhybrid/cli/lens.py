@@ -70,7 +70,7 @@ def add_map_pipeline_options(p: argparse.ArgumentParser) -> None:
                         "that posterior (0: the paper's white likelihood; default %(default)s)")
     p.add_argument("--residual-rounds", type=int, default=DEFAULT_RESIDUAL_ROUNDS,
                    help="rounds of (sigma by the evidence, polish) with the residual; later "
-                        "ones re-choose sigma where the last moved the lens (L-BFGS only)")
+                        "ones re-choose sigma where the last moved the lens (one L-BFGS run)")
     p.add_argument("--residual-pixel-factor", type=float,
                    default=DEFAULT_RESIDUAL_PIXEL_FACTOR,
                    help="node spacing of the residual grid in source-stamp pixels")

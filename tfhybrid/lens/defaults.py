@@ -45,11 +45,17 @@ DEFAULT_LBFGS_CYCLES = 3
 DEFAULT_SOURCE_RESIDUAL_GRID = 24
 #: rounds of (σ_δ by the evidence, then the polish with that residual): the second re-chooses
 #: σ_δ (~10 % larger) where the first moved the lens, with L-BFGS only, whitened by the first
-#: round's Hessian. Over the 30 study mocks, one round kept r_Ein and γ both within 1 % in
-#: 17/30 but lowered the 68 % coverage of q from 17 to 15/30 (p = 0.048) and of r_Ein from 18
-#: to 17; the L-BFGS-only second round: 17/30, coverage 18 and 16 (the full round's: 17/30,
-#: 18 and 17) at 26–64 s instead of 72–111 s per 10 systems
+#: round's Hessian (DEFAULT_RESIDUAL_LATER_CYCLES runs). Over the 30 study mocks, one round
+#: kept r_Ein and γ both within 1 % in 17/30 but lowered the 68 % coverage of q from 17 to
+#: 15/30 (p = 0.048) and of r_Ein from 18 to 17; the L-BFGS-only second round (up to 3 runs):
+#: 17/30, coverage 18 and 16 (the full round's: 17/30, 18 and 17) at 26–64 s instead of
+#: 72–111 s per 10 systems
 DEFAULT_RESIDUAL_ROUNDS = 2
+#: L-BFGS runs of each residual round after the first (at most; the first round makes up to
+#: DEFAULT_LBFGS_CYCLES). Measured with 3 (the rows above): on the 20 study mocks of seeds 0
+#: and 1 the second and third runs never gained the 1 nat that keeps them, so 1 gives the same
+#: MAPs to the bit (see tfhybrid.lens.fit.polish_with_source_residual)
+DEFAULT_RESIDUAL_LATER_CYCLES = 1
 #: node spacing of that grid in source-stamp pixels
 DEFAULT_RESIDUAL_PIXEL_FACTOR = 1.0
 #: side (image pixels) of the sliding windows of the model-robust (sandwich) intervals at the
