@@ -587,9 +587,9 @@ def fit_map(
         Newton + L-BFGS polish (same counts; after the first round, one L-BFGS run and no
         Newton iterations, see :func:`polish_with_source_residual`) of the posterior with
         that source-plane residual integrated out (:mod:`tfhybrid.physics.source_residual`).
-        The result records
-        ``source_residual``, ``residual_sigma`` and ``residual_gain``; its ``log_prob`` and
-        ``hessian`` are the residual posterior's (:meth:`LensMap.posterior_of`). Needs
+        The result records ``source_residual``, ``residual_sigma`` and ``residual_gain``;
+        its ``log_prob`` and ``hessian`` are the residual posterior's
+        (:meth:`LensMap.posterior_of`). Needs
         ``newton_iter > 0`` and a white ``posterior``. The residual polish's value-and-gradient
         graph is traced and XLA-compiled in a background thread while the white polish runs
         (:func:`_start_residual_polish_graph`): on the benchmark system
