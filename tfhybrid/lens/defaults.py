@@ -52,9 +52,9 @@ DEFAULT_SOURCE_RESIDUAL_GRID = 24
 #: 72–111 s per 10 systems
 DEFAULT_RESIDUAL_ROUNDS = 2
 #: L-BFGS runs of each residual round after the first (at most; the first round makes up to
-#: DEFAULT_LBFGS_CYCLES). Measured with 3 (the rows above): on the 20 study mocks of seeds 0
-#: and 1 the second and third runs never gained the 1 nat that keeps them, so 1 gives the same
-#: MAPs to the bit (see tfhybrid.lens.fit.polish_with_source_residual)
+#: DEFAULT_LBFGS_CYCLES). Measured with 3 (the rows above): on the 30 study mocks 1 gave the
+#: same MAPs to the bit in 27 and 0.7–2.1 nats lower in 3, with the same scores (see
+#: tfhybrid.lens.fit.polish_with_source_residual)
 DEFAULT_RESIDUAL_LATER_CYCLES = 1
 #: node spacing of that grid in source-stamp pixels
 DEFAULT_RESIDUAL_PIXEL_FACTOR = 1.0

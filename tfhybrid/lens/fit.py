@@ -819,9 +819,11 @@ def polish_with_source_residual(posterior: LensPosterior, fit: LensMap,
     other), with r_Ein and γ both within 1 % in 17/30 either way and the same 68 % coverage
     (±1 system), at 26–64 s instead of 72–111 s per 10 systems. They make at most
     ``later_cycles`` L-BFGS runs (:data:`tfhybrid.lens.defaults.DEFAULT_RESIDUAL_LATER_CYCLES`,
-    1) instead of ``lbfgs_cycles``: on the 20 study mocks of seeds 0 and 1 (from the same
-    Adam estimates, 2026-11-26) a second and third run never gained the 1 nat that keeps
-    them, so one run gave the same MAPs to the bit; on the benchmark system the stage took
+    1) instead of ``lbfgs_cycles``: on the 30 study mocks of seeds 0–2 (from the same Adam
+    estimates, 2026-11-26) one run gave the same MAPs to the bit in 27 systems and 0.7–2.1
+    nats lower in 3, with the same scores (r_Ein and γ both within 1 % in 17/30, sandwich
+    68 % coverage of r_Ein, θ_E, γ, φ, q 18, 18, 21, 20, 16 of 30); the stage took 819 s
+    instead of 892 s for the three sets of 10; on the benchmark system the stage took
     12.4–12.6 s instead of 15.7–18.2 s, and there the second run had gained 1.6 nats (r_Ein
     1.2590 instead of 1.2540, 0.3 posterior σ).
 
