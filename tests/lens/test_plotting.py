@@ -9,13 +9,10 @@ BINS = 40
 
 
 def _figure_ranges(draws):
-    """The axis ranges posterior_corner_figure gives these draws (0.5–99.5 %, 8 % padding)."""
-    out = []
-    for v in draws.T:
-        lo, hi = np.percentile(v, [0.5, 99.5])
-        pad = 0.08 * (hi - lo)
-        out.append((lo - pad, hi + pad))
-    return out
+    """The axis ranges posterior_corner_figure gives these draws."""
+    from tfhybrid.plotting.lens import axis_range
+
+    return [axis_range(v) for v in draws.T]
 
 
 def _regions_and_mass(density, x_range, y_range, fresh, probs=(0.68, 0.95)):

@@ -589,12 +589,11 @@ def fit_map(
         that source-plane residual integrated out (:mod:`tfhybrid.physics.source_residual`).
         The result records ``source_residual``, ``residual_sigma`` and ``residual_gain``;
         its ``log_prob`` and ``hessian`` are the residual posterior's
-        (:meth:`LensMap.posterior_of`). Needs
-        ``newton_iter > 0`` and a white ``posterior``. The residual polish's value-and-gradient
-        graph is traced and XLA-compiled in a background thread while the white polish runs
-        (:func:`_start_residual_polish_graph`): on the benchmark system
-        (fresh process, 2-core CPU) the two polishes took ~44 s instead of ~49 s, with the
-        same result to the bit.
+        (:meth:`LensMap.posterior_of`). Needs ``newton_iter > 0`` and a white
+        ``posterior``. The residual polish's value-and-gradient graph is traced and XLA-compiled in
+        a background thread while the white polish runs (:func:`_start_residual_polish_graph`): on
+        the benchmark system (fresh process, 2-core CPU) the two polishes took ~44 s instead of
+        ~49 s, with the same result to the bit.
 
     The wall time of each stage is in :attr:`LensMap.stage_seconds` (``lens fit`` writes it
     to ``map.json``).
@@ -1271,10 +1270,9 @@ def posterior_scale_whitening(fn, flat, amat, step: float = DEFAULT_WHITENING_ST
     (~2 s per system). One chain of 500 correlated draws estimates such ESS only to a factor of
     ~2 or worse (system 5 sampled alone with the Laplace whitening, 2026-11-26: 22 / 299 / 17 /
     175 against the 23 / 56 / 13 / 46 above), so no floor is established as better than the
-    Laplace whitening. Re-whitening by the
-    covariance of 150 warm-up draws did not help either (ESS of r_Ein 16 and 6 in two
-    systems): the chain explores too slowly in the Laplace whitening for its draws to measure
-    the posterior's widths.
+    Laplace whitening. Re-whitening by the covariance of 150 warm-up draws did not help either (ESS
+    of r_Ein 16 and 6 in two systems): the chain explores too slowly in the Laplace whitening for
+    its draws to measure the posterior's widths.
 
     ``fn``: compiled ``x ↦ (log p, ∂ log p / ∂x)`` on flat ``(S, D)`` states
     (:func:`_log_prob_and_grad`); ``flat``: ``(S, D)`` centre; ``amat``: ``(S, D, D)``.

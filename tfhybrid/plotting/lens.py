@@ -75,6 +75,16 @@ def _credible_levels(hist: np.ndarray, probs: Sequence[float]) -> list[float]:
     return sorted(set(levels))
 
 
+def axis_range(values: np.ndarray, truth: float | None = None) -> tuple[float, float]:
+    """The corner figure's axis range for draws ``values``: their 0.5–99.5 % range, widened
+    to include ``truth`` (if given), padded by 8 % either side."""
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    if truth is not None:
+        lo, hi = min(lo, truth), max(hi, truth)
+    pad = 0.08 * (hi - lo if hi > lo else abs(hi) + 1e-3)
+    return lo - pad, hi + pad
+
+
 def smoothed_density_2d(x: np.ndarray, y: np.ndarray, x_range, y_range, bins: int = 40,
                         min_smooth_bins: float = 1.0):
     """2-D histogram of draws ``(x, y)`` smoothed by a Gaussian kernel of Scott's width.
@@ -127,14 +137,8 @@ def posterior_corner_figure(
     k = len(names)
     display_names = display_names or {}
     fig, axes = plt.subplots(k, k, figsize=(2.6 * k + 0.6, 2.6 * k + 0.6), squeeze=False)
-    ranges = {}
-    for name in names:
-        vals = np.concatenate([np.ravel(c[name]) for c in chains])
-        lo, hi = np.percentile(vals, [0.5, 99.5])
-        if truths and name in truths:
-            lo, hi = min(lo, truths[name]), max(hi, truths[name])
-        pad = 0.08 * (hi - lo if hi > lo else abs(hi) + 1e-3)
-        ranges[name] = (lo - pad, hi + pad)
+    ranges = {name: axis_range(np.concatenate([np.ravel(c[name]) for c in chains]),
+                               truths.get(name) if truths else None) for name in names}
     for i, yi in enumerate(names):
         for j, xj in enumerate(names):
             ax = axes[i, j]
