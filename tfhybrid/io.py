@@ -83,6 +83,36 @@ def savefig_atomic(fig, path: str | os.PathLike, **kwargs) -> Path:
     return Path(path)
 
 
+def check_or_write_config(directory: str | os.PathLike, config: dict,
+                          name: str = "checkpoint_dir") -> None:
+    """The settings a resumable job's directory was made with: ``directory/config.json``.
+
+    Writes ``config`` (JSON-serialisable) there atomically if the file is absent; otherwise
+    compares it with the stored one and raises :class:`tfhybrid.validation.TfhybridInputError`
+    naming the settings that differ, so a run never resumes from another run's files.
+    """
+    from tfhybrid.validation import TfhybridInputError
+
+    path = Path(directory) / "config.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise TfhybridInputError(
+                f"{name} {directory} has an unreadable config.json ({err}); remove the "
+                "directory to start afresh") from err
+        new = json.loads(json.dumps(config, default=_json_default))
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise TfhybridInputError(
+                f"{name} {directory} holds a run with different settings ({', '.join(diff)}); "
+                "use the same arguments to resume, or another directory (or remove this one) "
+                "to start afresh"
+            )
+    else:
+        write_json_atomic(path, config)
+
+
 def _json_default(obj):
     import numpy as np
 

@@ -31,11 +31,30 @@ def test_mock_fit_sample_report(tmp_path, capsys, monkeypatch):
                  "--out", str(fit_dir)]) == 2
     assert "must not exceed the image's side (256 pixels)" in capsys.readouterr().err
     assert not fit_dir.exists()
-    assert main(["lens", "fit", "--mock", str(mock), "--steps", "30", "--starts", "1",
-                 "--coarse-starts", "3", "--coarse-steps", "20", "--newton-iter", "1",
-                 "--lbfgs-iter", "5", "--source-residual", "8", "--out", str(fit_dir),
-                 "--no-progress"]) == 0
+    fit_argv = ["lens", "fit", "--mock", str(mock), "--steps", "30", "--starts", "1",
+                "--coarse-starts", "3", "--coarse-steps", "20", "--newton-iter", "1",
+                "--lbfgs-iter", "5", "--source-residual", "8", "--out", str(fit_dir),
+                "--no-progress"]
+    # interrupted after the white MAP (in the sandwich intervals): its stages are kept, no
+    # output is written, and the same command resumes from them
+    import tfhybrid.lens.robust as robust_module
+
+    sandwich = robust_module.sandwich_intervals
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(robust_module, "sandwich_intervals", interrupted)
+    assert main(fit_argv) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in fit_dir.iterdir()) == ["checkpoint"]
+    assert sorted(p.name for p in (fit_dir / "checkpoint").iterdir()) == [
+        "adam.npz", "config.json", "global_search.npz", "polish.npz"]
+    monkeypatch.setattr(robust_module, "sandwich_intervals", sandwich)
+    assert main(fit_argv) == 0
     out = capsys.readouterr().out
+    assert "resumed from" in out and "global_search, adam, polish loaded, not rerun" in out
+    assert not (fit_dir / "checkpoint").exists()  # the outputs hold the result now
     assert "MAP of 1 system" in out and "source residual (8² nodes)" in out
     data = json.loads((fit_dir / "map.json").read_text())
     assert np.isfinite(data["log_prob"][0]) and len(data["z"][0]) == 64

@@ -2,8 +2,11 @@
 
 * ``mock``    held-out galaxies lensed by prior-drawn SPLE + shear lenses at the three noise
               levels: ``DIR/mock_000.fits``, … (true parameters in the header) and the S/N table;
-* ``fit``     MAP of one or many mock/observed systems (batched in one graph);
-* ``sample``  HMC / NUTS posterior from the MAP, chunked and resumable (``--resume``);
+* ``fit``     MAP of one or many mock/observed systems (batched in one graph); each finished
+              stage is kept in ``OUT/checkpoint`` until the outputs are written, so the same
+              command, run again after an interruption, resumes where it stopped;
+* ``sample``  HMC / NUTS posterior from the MAP, chunked: the same command, run again after
+              an interruption, resumes from the chunks in ``OUT/chunks``;
 * ``report``  table of true vs MAP vs posterior, per cent errors and interval coverage.
 """
 
@@ -131,8 +134,10 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run_mock)
 
-    for name, helptext in (("fit", "MAP fit (Adam or L-BFGS, multi-start)"),
-                           ("sample", "HMC / NUTS posterior from a MAP fit")):
+    for name, helptext in (("fit", "MAP fit (Adam or L-BFGS, multi-start); an interrupted fit "
+                                   "resumes from OUT/checkpoint when run again"),
+                           ("sample", "HMC / NUTS posterior from a MAP fit; an interrupted run "
+                                      "resumes from OUT/chunks when run again")):
         p = sub.add_parser(name, help=helptext, formatter_class=fmt, description=helptext)
         p.add_argument("--mock", nargs="+", required=True,
                        help="mock FITS files (tfhybrid lens mock); fitted together, batched")
@@ -265,6 +270,8 @@ def _load(args):
 
 
 def run_fit(args) -> int:
+    import shutil
+
     import numpy as np
 
     from tfhybrid.lens.fit import fit_map
@@ -289,14 +296,19 @@ def run_fit(args) -> int:
     if args.robust_block > posterior.config.n_pix:  # before the fit, not after it
         raise _error(f"--robust-block ({args.robust_block}) must not exceed the image's side "
                      f"({posterior.config.n_pix} pixels)")
+    checkpoint = Path(args.out) / "checkpoint"
     fit = fit_map(posterior, num_starts=args.starts, method=args.method, num_steps=args.steps,
-                  seed=args.seed, progress=not args.no_progress, **options)
+                  seed=args.seed, progress=not args.no_progress, checkpoint_dir=checkpoint,
+                  **options)
+    if fit.resumed_stages:
+        print(f"resumed from {checkpoint}: {', '.join(fit.resumed_stages)} loaded, not rerun")
     robust = None
     if args.robust_block:
         from tfhybrid.lens.robust import sandwich_intervals
 
         robust = sandwich_intervals(posterior, fit.state(), block_size=args.robust_block)
     summary = write_fit_outputs(args.out, posterior, fit, mocks, labels=labels, robust=robust)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the outputs hold the result now
     chi2 = ", ".join(f"{c:.3f}" for c in summary["chi2_per_pixel"])
     print(f"MAP of {len(labels)} system(s) in {fit.wall_time_s:.1f} s; chi2/pixel {chi2}; "
           f"{fit.message} -> {args.out}/")

@@ -30,7 +30,6 @@ convention, chain axis 1 — in constrained space.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfhybrid.inference.state import as_state_parts
-from tfhybrid.io import atomic_path, write_json_atomic
+from tfhybrid.io import atomic_path, check_or_write_config
 from tfhybrid.validation import TfhybridInputError
 
 tfb = tfp.bijectors
@@ -292,7 +291,7 @@ def sample_posterior(
             max_tree_depth=int(max_tree_depth), target_accept_prob=float(accept),
             initial_state_sha1=_fingerprint(unconstrained),
         )
-        _check_or_write_config(ckpt, config)
+        check_or_write_config(ckpt, config)
 
     state = [tf.convert_to_tensor(u) for u in unconstrained]
     flat_kr = [_to_numpy(t) for t in flat_template]
@@ -532,20 +531,6 @@ def _fingerprint(parts) -> str:
     for p in parts:
         h.update(np.ascontiguousarray(_to_numpy(p)).tobytes())
     return h.hexdigest()
-
-
-def _check_or_write_config(ckpt: Path, config: dict) -> None:
-    path = ckpt / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(config)):
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise TfhybridInputError(
-                f"checkpoint_dir {ckpt} holds a run with different settings ({', '.join(diff)}); "
-                "use another directory or the same arguments to resume"
-            )
-    else:
-        write_json_atomic(path, config)
 
 
 def _write_chunk(ckpt: Path, index: int, draws, trace, state, flat_kr, seconds: float) -> None:

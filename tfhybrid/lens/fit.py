@@ -37,6 +37,13 @@ from tfhybrid.lens.defaults import (
     DEFAULT_WHITENING_FLOOR,
     DEFAULT_WHITENING_STEP,
 )
+from tfhybrid.lens.map_checkpoint import (
+    MapCheckpoint,
+    array_digest,
+    map_result_arrays,
+    map_result_from_arrays,
+    posterior_fingerprint,
+)
 from tfhybrid.lens.model import STATE_NAMES, LensPosterior
 from tfhybrid.physics.lens_profiles import circularised_einstein_radius
 from tfhybrid.physics.lensing import PARAM_NAMES, resample_source_stamp
@@ -133,6 +140,8 @@ class LensMap:
         ``"polish"``, ``"source residual"``), tracing and compilation included; they sum to
         ``wall_time_s``. With a source residual its polish graph compiles in a background
         thread during ``"polish"`` (see :func:`fit_map`).
+    resumed_stages : the stages :func:`fit_map` loaded from its ``checkpoint_dir`` instead of
+        running them (``"global_search"``, ``"adam"``, ``"polish"``); empty otherwise.
     """
 
     params: dict
@@ -148,6 +157,7 @@ class LensMap:
     residual_sigma: np.ndarray | None = None
     residual_gain: np.ndarray | None = None
     stage_seconds: dict = field(default_factory=dict)
+    resumed_stages: tuple = ()
 
     def posterior_of(self, posterior: LensPosterior) -> LensPosterior:
         """``posterior`` with the source residual this estimate was made under (if any)."""
@@ -482,6 +492,127 @@ def residual_sigma_by_evidence(posterior: LensPosterior, state,
     return sigma, gain
 
 
+def _global_search(posterior: LensPosterior, num_starts, seed, rtol, progress, coarse_starts,
+                   coarse_steps, coarse_factor, coarse_prune_after, coarse_keep, scale_jumps,
+                   jump_steps, jump_stage):
+    """:func:`fit_map`'s global search on the coarse grid (with the coarse source-scale jumps
+    when ``jump_stage == "coarse"``): the ``num_starts`` best starts of each system, state
+    parts ``(num_starts, S, ...)`` as NumPy arrays, and the source-scale factor each came
+    from ``(num_starts, S)`` (1: a coarse start)."""
+    jumps = len(scale_jumps) > 0
+    coarse = _coarse_for(posterior, coarse_factor, coarse_starts * posterior.num_systems,
+                         coarse_steps)
+    res_c = find_map(
+        coarse.target_log_prob, list(coarse.initial_states(coarse_starts, seed)),
+        bijectors=coarse.bijectors(), method="adam", num_steps=coarse_steps,
+        learning_rate=_default_learning_rate(coarse_steps), rtol=rtol, progress=progress,
+        jit_compile=False, prune_after=coarse_prune_after, prune_keep=int(coarse_keep),
+    )
+    lp_c = np.asarray(res_c.log_prob).reshape(-1, posterior.num_systems)  # kept starts
+    pool = [np.asarray(part) for part in res_c.state]
+    # the source-scale factor each start of the pool carries (1: a coarse start)
+    slot_factor = np.ones(lp_c.shape)
+    if jumps and jump_stage == "coarse":
+        best_c = np.argmax(np.where(np.isfinite(lp_c), lp_c, -np.inf), axis=0)
+        cols_c = np.arange(lp_c.shape[1])
+        steps_cj = coarse_steps if jump_steps is None else int(jump_steps)
+        res_cj = source_scale_jumps(
+            _coarse_for(posterior, coarse_factor, len(scale_jumps) * posterior.num_systems,
+                        steps_cj),
+            [tf.constant(p[best_c, cols_c]) for p in pool], scale_jumps,
+            num_steps=steps_cj, jit_compile=False, rtol=rtol, progress=progress,
+        )
+        lp_c = np.concatenate([lp_c, np.asarray(res_cj.log_prob).reshape(len(scale_jumps),
+                                                                       -1)])
+        pool = [np.concatenate([p, np.asarray(q)]) for p, q in zip(pool, res_cj.state,
+                                                                  strict=True)]
+        slot_factor = np.concatenate([slot_factor, np.broadcast_to(
+            np.asarray(scale_jumps, np.float64)[:, None], (len(scale_jumps),
+                                                           lp_c.shape[1]))])
+    order = np.argsort(-np.where(np.isfinite(lp_c), lp_c, -np.inf), axis=0)[:num_starts]
+    cols = np.arange(lp_c.shape[1])[None, :]
+    initial_state = [part[order, cols] for part in pool]
+    # the source-scale factor each full-resolution start came from (1: a coarse start)
+    start_factor = slot_factor[order, cols]  # (num_starts, S)
+    return initial_state, start_factor
+
+
+def _schedule_description(learning_rate):
+    """A learning rate (None, a number or a Keras schedule) as a JSON value for a checkpoint's
+    settings (a schedule by its class and configuration)."""
+    if learning_rate is None or isinstance(learning_rate, int | float | np.number):
+        return None if learning_rate is None else float(learning_rate)
+    if hasattr(learning_rate, "get_config"):
+        return [type(learning_rate).__name__, learning_rate.get_config()]
+    raise TfhybridInputError(
+        "with checkpoint_dir, learning_rate must be None, a number or a Keras schedule; got "
+        f"{learning_rate!r}")
+
+
+def _full_resolution_stage(posterior: LensPosterior, initial_state, num_starts, seed, method,
+                           num_steps, learning_rate, rtol, progress, jit_compile, prune_after,
+                           prune_margin, t_coarse, global_search, jumps, jump_stage,
+                           start_factor, scale_jumps, jump_steps):
+    """:func:`fit_map`'s optimiser at full resolution from ``initial_state`` (its best start
+    per system), then the source-scale jumps with ``jump_stage="full"``: the :class:`LensMap`
+    and the wall seconds of the stages so far."""
+    import time
+
+    state = initial_state if initial_state is not None else posterior.initial_states(
+        num_starts, seed
+    )
+    if len(state) != len(STATE_NAMES):
+        raise TfhybridInputError(f"initial_state must have {len(STATE_NAMES)} parts {STATE_NAMES}")
+    lr = _default_learning_rate(num_steps) if learning_rate is None else learning_rate
+    t0 = time.perf_counter()
+    res = find_map(
+        posterior.target_log_prob, list(state), bijectors=posterior.bijectors(), method=method,
+        num_steps=num_steps, learning_rate=lr, rtol=rtol, progress=progress,
+        jit_compile=jit_compile, prune_after=prune_after if method == "adam" else None,
+        prune_margin=prune_margin, prune_grouped=bool(jit_compile),
+    )
+    wall = time.perf_counter() - t0 + t_coarse
+    stages = {"global search": t_coarse, "adam": wall - t_coarse} if global_search else {
+        "adam": wall}
+    lp = np.asarray(res.log_prob)  # (starts, S)
+    if lp.ndim == 1:
+        lp = lp[None]
+    best = np.argmax(np.where(np.isfinite(lp), lp, -np.inf), axis=0)
+    cols = np.arange(lp.shape[1])
+    # the winner's index among the initial starts (the kept ones' after pruning)
+    best_start = best if res.kept_starts is None else res.kept_starts.reshape(lp.shape)[
+        best, cols]
+    params = {}
+    for name, part in zip(PARAM_NAMES, res.state[:-1], strict=True):
+        arr = np.asarray(part, dtype=np.float64).reshape(lp.shape)
+        params[name] = arr[best, cols]
+    z = np.asarray(res.state[-1], dtype=np.float32).reshape(lp.shape + (-1,))[best, cols]
+    fit = LensMap(params, z, lp[best, cols], best_start, res, wall)
+    if jumps and jump_stage == "coarse":
+        fit.scale_jump = start_factor[best_start, cols]
+    elif jumps:  # jump_stage == "full"
+        t1 = time.perf_counter()
+        steps = max(1, num_steps // 2) if jump_steps is None else int(jump_steps)
+        res_j = source_scale_jumps(posterior, fit.state(), scale_jumps, num_steps=steps,
+                                   method=method, jit_compile=jit_compile, rtol=rtol,
+                                   progress=progress)
+        lp_j = np.asarray(res_j.log_prob).reshape(len(scale_jumps), -1)
+        lp_j = np.where(np.isfinite(lp_j), lp_j, -np.inf)
+        best_j = np.argmax(lp_j, axis=0)
+        win = lp_j[best_j, cols] > fit.log_prob
+        jumped = [np.asarray(p)[best_j, cols] for p in res_j.state]  # (K, S, ...) → (S, ...)
+        for name, part in zip(PARAM_NAMES, jumped[:-1], strict=True):
+            fit.params[name] = np.where(win, part.astype(np.float64), fit.params[name])
+        fit.z = np.where(win[:, None], jumped[-1].astype(np.float32), fit.z)
+        fit.jump_gain = np.where(win, lp_j[best_j, cols] - fit.log_prob, 0.0)
+        fit.log_prob = np.where(win, lp_j[best_j, cols], fit.log_prob)
+        fit.scale_jump = np.where(win, np.asarray(scale_jumps, np.float64)[best_j], 1.0)
+        stages["source-scale jumps"] = time.perf_counter() - t1
+        wall += stages["source-scale jumps"]
+        fit.wall_time_s = wall
+    return fit, stages
+
+
 def fit_map(
     posterior: LensPosterior,
     num_starts: int = DEFAULT_NUM_STARTS,
@@ -508,6 +639,7 @@ def fit_map(
     jump_stage: str = DEFAULT_JUMP_STAGE,
     source_residual: SourceResidualConfig | None = None,
     residual_rounds: int = DEFAULT_RESIDUAL_ROUNDS,
+    checkpoint_dir=None,
 ) -> LensMap:
     """MAP estimate (eq. 26) of every system, multi-start, in one batched graph.
 
@@ -595,6 +727,15 @@ def fit_map(
         the benchmark system (fresh process, 2-core CPU) the two polishes took ~44 s instead of
         ~49 s, with the same result to the bit.
 
+    checkpoint_dir : directory, optional
+        Write each finished stage (global search; full-resolution optimiser with the jumps;
+        white polish) there, atomically, and load the stages a previous call with the same
+        directory and the same data, model and settings finished, instead of running them
+        again (:mod:`tfhybrid.lens.map_checkpoint`): a killed fit of many systems resumes
+        where it stopped. Other data or settings: a :class:`TfhybridInputError` naming them.
+        :attr:`LensMap.resumed_stages` lists the stages loaded; their
+        :attr:`~LensMap.stage_seconds` are those of the run that computed them.
+
     The wall time of each stage is in :attr:`LensMap.stage_seconds` (``lens fit`` writes it
     to ``map.json``).
     """
@@ -632,7 +773,6 @@ def fit_map(
             raise TfhybridInputError(f"residual_rounds must be >= 1; got {residual_rounds}")
     global_search = coarse_starts > 0 and initial_state is None
     jumps = global_search and len(scale_jumps) > 0
-    t_coarse = time.perf_counter()
     if global_search:
         if coarse_starts < num_starts:
             raise TfhybridInputError(
@@ -642,95 +782,68 @@ def fit_map(
             raise TfhybridInputError(
                 f"coarse_keep ({coarse_keep}) must be >= num_starts ({num_starts}): the "
                 "full-resolution starts are the best coarse ones kept")
-        coarse = _coarse_for(posterior, coarse_factor, coarse_starts * posterior.num_systems,
-                             coarse_steps)
-        res_c = find_map(
-            coarse.target_log_prob, list(coarse.initial_states(coarse_starts, seed)),
-            bijectors=coarse.bijectors(), method="adam", num_steps=coarse_steps,
-            learning_rate=_default_learning_rate(coarse_steps), rtol=rtol, progress=progress,
-            jit_compile=False, prune_after=coarse_prune_after, prune_keep=int(coarse_keep),
-        )
-        lp_c = np.asarray(res_c.log_prob).reshape(-1, posterior.num_systems)  # kept starts
-        pool = [np.asarray(part) for part in res_c.state]
-        # the source-scale factor each start of the pool carries (1: a coarse start)
-        slot_factor = np.ones(lp_c.shape)
-        if jumps and jump_stage == "coarse":
-            best_c = np.argmax(np.where(np.isfinite(lp_c), lp_c, -np.inf), axis=0)
-            cols_c = np.arange(lp_c.shape[1])
-            steps_cj = coarse_steps if jump_steps is None else int(jump_steps)
-            res_cj = source_scale_jumps(
-                _coarse_for(posterior, coarse_factor, len(scale_jumps) * posterior.num_systems,
-                            steps_cj),
-                [tf.constant(p[best_c, cols_c]) for p in pool], scale_jumps,
-                num_steps=steps_cj, jit_compile=False, rtol=rtol, progress=progress,
-            )
-            lp_c = np.concatenate([lp_c, np.asarray(res_cj.log_prob).reshape(len(scale_jumps),
-                                                                           -1)])
-            pool = [np.concatenate([p, np.asarray(q)]) for p, q in zip(pool, res_cj.state,
-                                                                      strict=True)]
-            slot_factor = np.concatenate([slot_factor, np.broadcast_to(
-                np.asarray(scale_jumps, np.float64)[:, None], (len(scale_jumps),
-                                                               lp_c.shape[1]))])
-        order = np.argsort(-np.where(np.isfinite(lp_c), lp_c, -np.inf), axis=0)[:num_starts]
-        cols = np.arange(lp_c.shape[1])[None, :]
-        initial_state = [tf.constant(part[order, cols]) for part in pool]
-        # the source-scale factor each full-resolution start came from (1: a coarse start)
-        start_factor = slot_factor[order, cols]  # (num_starts, S)
-    t_coarse = time.perf_counter() - t_coarse if coarse_starts > 0 else 0.0
-    state = initial_state if initial_state is not None else posterior.initial_states(
-        num_starts, seed
-    )
-    if len(state) != len(STATE_NAMES):
-        raise TfhybridInputError(f"initial_state must have {len(STATE_NAMES)} parts {STATE_NAMES}")
-    lr = _default_learning_rate(num_steps) if learning_rate is None else learning_rate
-    t0 = time.perf_counter()
-    res = find_map(
-        posterior.target_log_prob, list(state), bijectors=posterior.bijectors(), method=method,
-        num_steps=num_steps, learning_rate=lr, rtol=rtol, progress=progress,
-        jit_compile=jit_compile, prune_after=prune_after if method == "adam" else None,
-        prune_margin=prune_margin, prune_grouped=bool(jit_compile),
-    )
-    wall = time.perf_counter() - t0 + t_coarse
-    stages = {"global search": t_coarse, "adam": wall - t_coarse} if global_search else {
-        "adam": wall}
-    lp = np.asarray(res.log_prob)  # (starts, S)
-    if lp.ndim == 1:
-        lp = lp[None]
-    best = np.argmax(np.where(np.isfinite(lp), lp, -np.inf), axis=0)
-    cols = np.arange(lp.shape[1])
-    # the winner's index among the initial starts (the kept ones' after pruning)
-    best_start = best if res.kept_starts is None else res.kept_starts.reshape(lp.shape)[
-        best, cols]
-    params = {}
-    for name, part in zip(PARAM_NAMES, res.state[:-1], strict=True):
-        arr = np.asarray(part, dtype=np.float64).reshape(lp.shape)
-        params[name] = arr[best, cols]
-    z = np.asarray(res.state[-1], dtype=np.float32).reshape(lp.shape + (-1,))[best, cols]
-    fit = LensMap(params, z, lp[best, cols], best_start, res, wall)
-    if jumps and jump_stage == "coarse":
-        fit.scale_jump = start_factor[best_start, cols]
-    elif jumps:  # jump_stage == "full"
-        t1 = time.perf_counter()
-        steps = max(1, num_steps // 2) if jump_steps is None else int(jump_steps)
-        res_j = source_scale_jumps(posterior, fit.state(), scale_jumps, num_steps=steps,
-                                   method=method, jit_compile=jit_compile, rtol=rtol,
-                                   progress=progress)
-        lp_j = np.asarray(res_j.log_prob).reshape(len(scale_jumps), -1)
-        lp_j = np.where(np.isfinite(lp_j), lp_j, -np.inf)
-        best_j = np.argmax(lp_j, axis=0)
-        win = lp_j[best_j, cols] > fit.log_prob
-        jumped = [np.asarray(p)[best_j, cols] for p in res_j.state]  # (K, S, ...) → (S, ...)
-        for name, part in zip(PARAM_NAMES, jumped[:-1], strict=True):
-            fit.params[name] = np.where(win, part.astype(np.float64), fit.params[name])
-        fit.z = np.where(win[:, None], jumped[-1].astype(np.float32), fit.z)
-        fit.jump_gain = np.where(win, lp_j[best_j, cols] - fit.log_prob, 0.0)
-        fit.log_prob = np.where(win, lp_j[best_j, cols], fit.log_prob)
-        fit.scale_jump = np.where(win, np.asarray(scale_jumps, np.float64)[best_j], 1.0)
-        stages["source-scale jumps"] = time.perf_counter() - t1
-        wall += stages["source-scale jumps"]
-        fit.wall_time_s = wall
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = MapCheckpoint(checkpoint_dir, dict(
+            posterior_fingerprint(posterior), num_starts=int(num_starts), method=method,
+            num_steps=int(num_steps), learning_rate=_schedule_description(learning_rate),
+            seed=int(seed), rtol=float(rtol), jit_compile=bool(jit_compile),
+            initial_state_sha1=(None if initial_state is None else array_digest(
+                *[np.asarray(p) for p in initial_state])),
+            coarse_starts=int(coarse_starts), coarse_steps=int(coarse_steps),
+            coarse_factor=int(coarse_factor), coarse_prune_after=coarse_prune_after,
+            coarse_keep=int(coarse_keep), prune_after=prune_after,
+            prune_margin=float(prune_margin), scale_jumps=list(scale_jumps),
+            jump_steps=jump_steps, jump_stage=jump_stage, newton_iter=int(newton_iter),
+            lbfgs_iter=int(lbfgs_iter), lbfgs_cycles=int(lbfgs_cycles)))
+    t_coarse = time.perf_counter()
+    if global_search:
+        saved = ckpt.load("global_search") if ckpt is not None else None
+        if saved is None:
+            initial_state, start_factor = _global_search(
+                posterior, num_starts, seed, rtol, progress, coarse_starts, coarse_steps,
+                coarse_factor, coarse_prune_after, coarse_keep, scale_jumps, jump_steps,
+                jump_stage)
+            t_coarse = time.perf_counter() - t_coarse
+            if ckpt is not None:
+                ckpt.save("global_search", dict(
+                    {f"state_{i}": p for i, p in enumerate(initial_state)},
+                    start_factor=start_factor, seconds=t_coarse))
+        else:
+            initial_state = [saved[f"state_{i}"] for i in range(len(STATE_NAMES))]
+            start_factor, t_coarse = saved["start_factor"], float(saved["seconds"])
+        initial_state = [tf.constant(p) for p in initial_state]
+    else:
+        t_coarse, start_factor = 0.0, None
+    saved = ckpt.load("adam") if ckpt is not None else None
+    if saved is None:
+        fit, stages = _full_resolution_stage(
+            posterior, initial_state, num_starts, seed, method, num_steps, learning_rate, rtol,
+            progress, jit_compile, prune_after, prune_margin, t_coarse, global_search, jumps,
+            jump_stage, start_factor, scale_jumps, jump_steps)
+        if ckpt is not None:
+            ckpt.save("adam", dict(
+                {f"param_{k}": v for k, v in fit.params.items()}, z=fit.z,
+                log_prob=fit.log_prob, best_start=fit.best_start, wall=fit.wall_time_s,
+                scale_jump=fit.scale_jump, jump_gain=fit.jump_gain,
+                stage_names=np.array(list(stages)), stage_values=np.array(list(stages.values())),
+                **map_result_arrays(fit.result)))
+    else:
+        stages = dict(zip(saved["stage_names"].tolist(), saved["stage_values"].tolist(),
+                          strict=True))
+        fit = LensMap({k: saved[f"param_{k}"] for k in PARAM_NAMES}, saved["z"],
+                      saved["log_prob"], saved["best_start"], map_result_from_arrays(saved),
+                      float(saved["wall"]), None, saved.get("scale_jump"),
+                      saved.get("jump_gain"))
+    best_start, res, wall = fit.best_start, fit.result, fit.wall_time_s
     post_r, compiled = None, None
-    if newton_iter > 0:
+    saved = ckpt.load("polish") if ckpt is not None and newton_iter > 0 else None
+    if saved is not None:
+        stages["polish"] = float(saved["seconds"])
+        fit = LensMap({k: saved[f"param_{k}"] for k in PARAM_NAMES}, saved["z"],
+                      saved["log_prob"], best_start, res, wall + stages["polish"],
+                      saved["hessian"], fit.scale_jump, fit.jump_gain)
+    elif newton_iter > 0:
         t1 = time.perf_counter()
         if source_residual is not None:  # its polish's graph compiles while this one runs
             post_r, compiled = _start_residual_polish_graph(posterior, fit.state(),
@@ -744,6 +857,10 @@ def fit_map(
             wall + time.perf_counter() - t1, hess, fit.scale_jump, fit.jump_gain,
         )
         stages["polish"] = time.perf_counter() - t1
+        if ckpt is not None:
+            ckpt.save("polish", dict({f"param_{k}": v for k, v in fit.params.items()},
+                                     z=fit.z, log_prob=fit.log_prob, hessian=hess,
+                                     seconds=stages["polish"]))
     if source_residual is not None:
         t1 = time.perf_counter()
         if compiled is not None:
@@ -754,6 +871,7 @@ def fit_map(
         stages["source residual"] = time.perf_counter() - t1
     fit.stage_seconds = stages
     fit.wall_time_s = float(sum(stages.values()))
+    fit.resumed_stages = tuple(ckpt.loaded) if ckpt is not None else ()
     return fit
 
 
