@@ -9,7 +9,6 @@ from tests.lens.test_model import CONFIG, SIGMA, TRUTH, SmoothSourceModel
 from tfhybrid.lens.fit import fit_map
 from tfhybrid.lens.model import LensPosterior
 from tfhybrid.physics.lensing import PARAM_NAMES, simulate_lensed_image
-from tfhybrid.physics.source_residual import SourceResidualConfig
 from tfhybrid.validation import TfhybridInputError
 
 # a global search with coarse source-scale jumps, Adam and a Newton polish: every
@@ -17,7 +16,6 @@ from tfhybrid.validation import TfhybridInputError
 SETTINGS = dict(num_starts=2, num_steps=40, coarse_starts=3, coarse_steps=30, coarse_factor=4,
                 scale_jumps=(1.6,), newton_iter=1, lbfgs_iter=0, jit_compile=False,
                 progress=False)
-RESIDUAL = dict(source_residual=SourceResidualConfig(grid_size=8), residual_rounds=1)
 
 
 def _posterior(vae, shift=0.0):
@@ -46,8 +44,8 @@ def test_fit_map_resumes_each_finished_stage_and_refuses_another_fits(tmp_path, 
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "adam.npz", "config.json", "global_search.npz", "polish.npz"]
 
-    # every stage finished: nothing reruns; the source-residual stage (not checkpointed: its
-    # result is the fit's) can follow the saved white MAP in a later call
+    # every stage finished: nothing reruns (the source-residual stage, not checkpointed, runs
+    # after loaded stages in tests/cli/test_cli_lens.py's interrupted fit)
     calls = []
     real_find_map, real_polish = fit_module.find_map, fit_module.newton_polish
 
@@ -56,7 +54,7 @@ def test_fit_map_resumes_each_finished_stage_and_refuses_another_fits(tmp_path, 
         return real_find_map(*args, **kwargs)
 
     def spy_polish(posterior, *args, **kwargs):
-        calls.append("white polish" if posterior.source_residual is None else "residual")
+        calls.append("polish")
         return real_polish(posterior, *args, **kwargs)
 
     monkeypatch.setattr(fit_module, "find_map", spy_find_map)
@@ -69,11 +67,6 @@ def test_fit_map_resumes_each_finished_stage_and_refuses_another_fits(tmp_path, 
     assert again.result.message == first.result.message
     np.testing.assert_array_equal(again.result.loss_trace, first.result.loss_trace)
     assert again.message == first.message
-    residual = fit_map(post, checkpoint_dir=ckpt, **SETTINGS, **RESIDUAL)
-    assert residual.resumed_stages == ("global_search", "adam", "polish")
-    assert calls == ["residual"] and residual.source_residual == RESIDUAL["source_residual"]
-    assert residual.log_prob[0] == pytest.approx(
-        residual.posterior_of(post).target_log_prob(*residual.state()).numpy()[0], rel=1e-5)
 
     # killed after the global search: Adam (the coarse jump factors carried over) and the
     # polish run again, from the saved starts, to the same MAP
@@ -82,7 +75,7 @@ def test_fit_map_resumes_each_finished_stage_and_refuses_another_fits(tmp_path, 
     calls.clear()
     resumed = fit_map(post, checkpoint_dir=ckpt, **SETTINGS)
     assert resumed.resumed_stages == ("global_search",)
-    assert calls == ["find_map", "white polish"]
+    assert calls == ["find_map", "polish"]
     _same(resumed, first)
     np.testing.assert_allclose(resumed.hessian, first.hessian, rtol=1e-6, atol=1e-6)
 
@@ -91,7 +84,7 @@ def test_fit_map_resumes_each_finished_stage_and_refuses_another_fits(tmp_path, 
         fit_map(post, checkpoint_dir=ckpt, **dict(SETTINGS, num_steps=41))
     with pytest.raises(TfhybridInputError, match=r"different settings \(observed_sha1\)"):
         fit_map(_posterior(vae, shift=1e-3), checkpoint_dir=ckpt, **SETTINGS)
-    assert calls == ["find_map", "white polish"]  # refused before any work
+    assert calls == ["find_map", "polish"]  # refused before any work
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(TfhybridInputError, match="cannot create the checkpoint directory"):

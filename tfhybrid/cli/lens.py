@@ -139,9 +139,28 @@ def register(subparsers) -> None:
                            ("sample", "HMC / NUTS posterior from a MAP fit; an interrupted run "
                                       "resumes from OUT/chunks when run again")):
         p = sub.add_parser(name, help=helptext, formatter_class=fmt, description=helptext)
-        p.add_argument("--mock", nargs="+", required=True,
-                       help="mock FITS files (tfhybrid lens mock); fitted together, batched")
-        p.add_argument("--level", default="high", help="noise level extension to fit")
+        inputs = p.add_mutually_exclusive_group(required=True)
+        inputs.add_argument("--mock", nargs="+",
+                            help="mock FITS files (tfhybrid lens mock); fitted together, "
+                                 "batched")
+        inputs.add_argument("--image", nargs="+", metavar="FITS",
+                            help="observed lens images instead: FITS files of one square 2-D "
+                                 "image each, the lens light subtracted, same size, pixel "
+                                 "scale and PSF; fitted together, batched. They and their "
+                                 "noise are divided by their peak after a 3x3 median filter "
+                                 "(the model's units; ι is then relative to it)")
+        p.add_argument("--level", default="high", help="noise level extension to fit (--mock)")
+        p.add_argument("--noise-sigma", nargs="+", default=None, metavar="SIGMA",
+                       help="with --image (required): pixel noise σ in the images' units, one "
+                            "value or one per image, or 'auto' (from the median absolute "
+                            "deviation of neighbouring pixels' differences, away from the "
+                            "arcs)")
+        p.add_argument("--pixel-scale", type=float, default=None, metavar="ARCSEC",
+                       help="with --image: pixel side in arcsec (default: from the header's "
+                            "celestial WCS, else its PIXSCALE card)")
+        p.add_argument("--psf-sigma", type=float, default=None, metavar="ARCSEC",
+                       help="with --image (required): σ of the Gaussian PSF in arcsec (0: "
+                            "no PSF)")
         p.add_argument("--vae", default=None,
                        help="VAE directory (default: the shipped model)")
         p.add_argument("--seed", type=int, default=0)
@@ -233,10 +252,67 @@ def run_mock(args) -> int:
     return 0
 
 
+def _load_images(args):
+    """``--image``: the observed images, their noise and grid, in the model's units."""
+    import numpy as np
+
+    from tfhybrid.data.preprocess import estimate_noise_sigma
+    from tfhybrid.lens.model import LensPosterior
+    from tfhybrid.lens.observations import flux_scale, read_lens_image
+    from tfhybrid.physics.lensing import LensingConfig
+    from tfhybrid.priors.vae import load_default_vae, load_vae
+
+    if args.noise_sigma is None or args.psf_sigma is None:
+        raise _error("--image needs --noise-sigma (a value, one per image, or auto) and "
+                     "--psf-sigma (arcsec; 0 for none)")
+    if not (args.psf_sigma >= 0 and np.isfinite(args.psf_sigma)):
+        raise _error(f"--psf-sigma must be >= 0 arcsec; got {args.psf_sigma}")
+    if len(args.noise_sigma) not in (1, len(args.image)):
+        raise _error(f"{len(args.noise_sigma)} --noise-sigma values for {len(args.image)} "
+                     "images; give one, one per image, or auto")
+    images = [read_lens_image(p, args.pixel_scale) for p in args.image]
+    grids = {(im.image.shape[0], round(im.pixel_scale_arcsec, 9)) for im in images}
+    if len(grids) != 1:
+        raise _error(f"the images have different sizes / pixel scales {sorted(grids)}; fit "
+                     "them separately")
+    n, scale = grids.pop()
+    observed = np.stack([im.image for im in images]).astype(np.float64)
+    sigma = []
+    for i, value in enumerate(args.noise_sigma * (len(images) // len(args.noise_sigma))):
+        if value.strip().lower() == "auto":
+            sigma.append(float(estimate_noise_sigma(observed[i], mask_sources=True)))
+            print(f"{args.image[i]}: noise σ estimated at {sigma[-1]:.4g}")
+            continue
+        try:
+            sigma.append(float(value))
+        except ValueError:
+            raise _error(f"--noise-sigma must be numbers or auto; got {value!r}") from None
+    sigma = np.asarray(sigma)
+    if not np.all(np.isfinite(sigma) & (sigma > 0)):
+        raise _error(f"the noise σ must be finite and > 0; got {sigma.tolist()}")
+    scales = np.array([flux_scale(im) for im in observed])
+    print("images divided by their peak (3x3 median filtered; the model's units): "
+          + ", ".join(f"{v:.4g}" for v in scales))
+    config = LensingConfig(n_pix=int(n), pixel_scale_arcsec=float(scale),
+                           psf_sigma_arcsec=float(args.psf_sigma) or None)
+    vae = load_default_vae() if args.vae is None else load_vae(args.vae)
+    posterior = LensPosterior(observed / scales[:, None, None], sigma / scales, vae, config)
+    labels = [f"{Path(p).stem} (σ/peak={s:.3g})"
+              for p, s in zip(args.image, sigma / scales, strict=True)]
+    return posterior, None, labels
+
+
 def _load(args):
     import numpy as np
 
     from tfhybrid.lens.mocks import read_mock_fits
+
+    if args.image is not None:
+        return _load_images(args)
+    for flag in ("noise_sigma", "pixel_scale", "psf_sigma"):
+        if getattr(args, flag) is not None:
+            raise _error(f"--{flag.replace('_', '-')} applies to --image only (a mock file "
+                         "records its own)")
     from tfhybrid.lens.model import LensPosterior
     from tfhybrid.priors.vae import load_default_vae, load_vae
 
@@ -342,8 +418,8 @@ def run_sample(args) -> int:
     posterior, mocks, labels = _load(args)
     data = load_map_json(args.map)
     if data["z"].shape[0] != posterior.num_systems:
-        raise _error(f"{args.map} holds {data['z'].shape[0]} systems but {len(args.mock)} "
-                     "mock files were given")
+        raise _error(f"{args.map} holds {data['z'].shape[0]} systems but "
+                     f"{posterior.num_systems} were given")
     if args.robust_block > posterior.config.n_pix:  # before sampling, not after it
         raise _error(f"--robust-block ({args.robust_block}) must not exceed the image's side "
                      f"({posterior.config.n_pix} pixels)")
@@ -369,7 +445,8 @@ def run_sample(args) -> int:
 
         robust = sandwich_intervals(posterior, start, block_size=args.robust_block)
         adjusted = sandwich_adjusted_samples(samples, robust, posterior)
-    summary = write_sample_outputs(args.out, samples, fit, mocks.params, labels=labels,
+    summary = write_sample_outputs(args.out, samples, fit,
+                                   None if mocks is None else mocks.params, labels=labels,
                                    posterior=posterior, adjusted=adjusted)
     print(f"{args.kernel.upper()}: {args.num_results} draws x {args.chains} chain(s) in "
           f"{summary['wall_time_s']:.1f} s; acceptance {summary['acceptance_rate']:.2f}, "

@@ -84,6 +84,44 @@ _MAX_BATCH = 4096
 # ---------------------------------------------------------------------------------------------
 
 
+def estimate_noise_sigma(images: np.ndarray, mask_sources: bool = False) -> np.ndarray:
+    """Noise σ of each image of ``images`` (..., ny, nx) from its neighbouring pixels'
+    differences (NaN pixels ignored): shape ``images.shape[:-2]``.
+
+    Differences of horizontally adjacent pixels remove smooth light; for white noise their
+    spread is ``√2 σ``. The spread is the median absolute deviation (``astropy.stats.mad_std``)
+    after 3σ clipping (``astropy.stats.sigma_clip``), so the steep edges of bright sources
+    and arcs barely bias it: for an arc 50σ bright over ~3 % of the pixels it came out 1.6–3.5 %
+    high, against 7–8 % without the clipping (tests/lens/test_observations.py).
+
+    ``mask_sources``: then, three times, the pixels where the 3 × 3 box mean exceeds 3σ
+    (its own noise is σ/3), dilated by 2 pixels, are left out and σ re-estimated from the
+    rest: for high-S/N lensed arcs sampled finely enough that their edges are steep from
+    pixel to pixel. On the lens mocks (high and low S/N, 3 seeds) it gave σ within 1 % at
+    the paper's 256 × 256, 0.04″ sampling, and 0.95–1.07 × σ at 64 × 64, 0.16″ (the
+    unmasked estimate: up to 1.17 × σ). The deblender uses the plain estimate per band when
+    neither weights nor σ are given, the lens fit the masked one for ``--noise-sigma auto``.
+    """
+    from astropy.stats import mad_std, sigma_clip
+
+    images = np.asarray(images, dtype=np.float64)
+    d = np.diff(images, axis=-1).reshape(images.shape[:-2] + (-1,))
+    d = np.ma.masked_invalid(d)  # NaN pixels: masked, not clipped with a warning
+    kept = sigma_clip(d, sigma=3.0, maxiters=10, stdfunc="mad_std", cenfunc="median",
+                      axis=-1, masked=True)
+    spread = mad_std(kept.filled(np.nan), axis=-1, ignore_nan=True)
+    sigma = (np.asarray(spread) / np.sqrt(2.0)).astype(np.float64)
+    if mask_sources:
+        for _ in range(3):
+            smooth = ndimage.uniform_filter(images, size=3, axes=(-2, -1))
+            lit = smooth > np.asarray(sigma)[..., None, None]
+            struct = np.zeros((1,) * (images.ndim - 2) + (3, 3), bool)
+            struct[..., 1, :] = struct[..., :, 1] = True
+            lit = ndimage.binary_dilation(lit, structure=struct, iterations=2)
+            sigma = estimate_noise_sigma(np.where(lit, np.nan, images))
+    return sigma
+
+
 def select_valid_sersic_fits(
     parametric_table,
     *,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tfhybrid.data.preprocess import estimate_noise_sigma
 from tfhybrid.validation import TfhybridInputError, as_arcsec, check_finite, check_rank
 
 __all__ = [
@@ -82,17 +83,6 @@ class ModelFrame:
         from tfhybrid.physics.psf import gaussian_psf
 
         return gaussian_psf(self.psf_fwhm_arcsec, self.pixel_scale_arcsec, int(self.psf_size))
-
-
-def estimate_noise_sigma(images: np.ndarray) -> np.ndarray:
-    """Per-band noise σ from the median absolute deviation of pixel differences.
-
-    Differences of horizontally adjacent pixels remove smooth source light; for white noise
-    their MAD is ``0.6745 · √2 · σ``. Used when neither weights nor σ are given.
-    """
-    d = np.diff(images, axis=-1).reshape(images.shape[0], -1)
-    mad = np.nanmedian(np.abs(d - np.nanmedian(d, axis=1, keepdims=True)), axis=1)
-    return (mad / (0.6745 * np.sqrt(2.0))).astype(np.float64)
 
 
 @dataclass(frozen=True)

@@ -214,11 +214,11 @@ def write_fit_outputs(out_dir, posterior: LensPosterior, fit: LensMap,
     summary = dict(chi2_per_pixel=chi2.tolist(), wall_time_s=fit.wall_time_s)
     if robust is not None:
         summary["robust"] = robust_summary(robust)
-    if mocks is not None:
-        rows_t = parameter_table(mocks.params, fit, robust=robust)
-        summary["table"] = rows_t
-        with atomic_path(out / "map_table.txt") as tmp:
-            tmp.write_text(format_table(rows_t) + "\n")
+    # without mocks (observed images), the MAP and its robust intervals, no truth columns
+    rows_t = parameter_table(mocks.params if mocks is not None else None, fit, robust=robust)
+    summary["table"] = rows_t
+    with atomic_path(out / "map_table.txt") as tmp:
+        tmp.write_text(format_table(rows_t) + "\n")
     write_json_atomic(out / "map_summary.json", summary)
     return summary
 

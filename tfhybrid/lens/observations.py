@@ -1,0 +1,145 @@
+"""Observed lens images from FITS files, made ready for :class:`~tfhybrid.lens.model.LensPosterior`.
+
+A real lens image (the lens galaxy's light subtracted, as the paper's model has none) comes as
+a 2-D FITS image in any brightness unit. :func:`read_lens_image` reads it with its pixel scale
+(from the celestial WCS, ``CDELT``/``CD``/``PC``, by ``astropy.wcs``; else a ``PIXSCALE``
+keyword in arcsec, as tfhybrid's mocks have; else the caller's value) and checks what the
+model needs: one square image, finite pixels, square pixels.
+
+The model's source is the VAE's peak-normalised stamp times ι, whose prior is N(1, 0.5)
+truncated to (0, 3] (eq. 16), so the fit wants images whose brightest lensed pixels are of
+order 1: :func:`flux_scale` is the divisor that does this (the image's peak after a 3 × 3
+median filter, so a cosmic ray or a hot pixel does not set it), applied to the image and its
+noise σ alike. χ², the lens parameters and the source's shape do not depend on it; ι is then
+in units of that peak.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tfhybrid.validation import TfhybridInputError, as_arcsec
+
+#: relative difference allowed between the two axes' pixel scales (square pixels)
+SQUARE_PIXEL_RTOL = 1e-3
+
+
+@dataclass
+class LensImage:
+    """One observed lens image: ``image`` (n, n) float32, axis order (y, x), in the file's
+    units; ``pixel_scale_arcsec``; ``path``; ``header`` (astropy) of the HDU it came from."""
+
+    image: np.ndarray
+    pixel_scale_arcsec: float
+    path: Path
+    header: object = field(repr=False, default=None)
+
+
+def _pixel_scale_from_header(header) -> float | None:
+    """Pixel side in arcsec from a celestial WCS or a ``PIXSCALE`` card (arcsec); None if
+    neither is there. Non-square pixels are an error."""
+    from astropy import units as u
+    from astropy.wcs import WCS
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FITSFixedWarning about date or RADESYS cards
+        wcs = WCS(header)
+    if wcs.has_celestial:
+        celestial = wcs.celestial
+        units = [u.Unit(x) for x in celestial.wcs.cunit]
+        scales = [(s * unit).to_value(u.arcsec) for s, unit in
+                  zip(proj_plane_pixel_scales(celestial), units, strict=True)]
+        if abs(scales[0] - scales[1]) > SQUARE_PIXEL_RTOL * max(scales):
+            raise TfhybridInputError(
+                f"the WCS gives non-square pixels ({scales[0]:.6g} × {scales[1]:.6g} arcsec); "
+                "the lens model needs square pixels: resample the image first")
+        return float(np.mean(scales))
+    if "PIXSCALE" in header:
+        return float(header["PIXSCALE"])
+    return None
+
+
+def read_lens_image(path: str | os.PathLike, pixel_scale_arcsec=None,
+                    hdu: int | str | None = None) -> LensImage:
+    """Read one observed lens image from a FITS file, checking it.
+
+    Parameters
+    ----------
+    path : FITS file.
+    pixel_scale_arcsec : float or ``astropy`` angle, optional
+        Overrides the header's (WCS or ``PIXSCALE``); needed when the header has neither.
+    hdu : index or name of the image HDU (default: the first HDU with 2-D data).
+    """
+    from astropy.io import fits
+
+    path = Path(path)
+    if not path.is_file():
+        raise TfhybridInputError(f"image file {path} does not exist")
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            if hdu is not None:
+                try:
+                    chosen = hdul[hdu]
+                except (KeyError, IndexError) as err:
+                    raise TfhybridInputError(
+                        f"{path} has no HDU {hdu!r}; it has "
+                        f"{[h.name for h in hdul]}") from err
+            else:
+                chosen = next((h for h in hdul if getattr(h, "data", None) is not None
+                               and getattr(h.data, "ndim", 0) == 2
+                               and h.data.dtype.names is None), None)
+                if chosen is None:
+                    shapes = [getattr(getattr(h, "data", None), "shape", None) for h in hdul]
+                    raise TfhybridInputError(
+                        f"{path} has no 2-D image HDU (HDU shapes: {shapes}); the lens fit "
+                        "takes one image per file")
+            data, header = chosen.data, chosen.header.copy()
+    except TfhybridInputError:
+        raise
+    except (OSError, ValueError, TypeError) as err:
+        raise TfhybridInputError(f"{path} is not a readable FITS file: {err}") from err
+    if data is None or np.ndim(data) != 2 or getattr(data.dtype, "names", None):
+        raise TfhybridInputError(
+            f"{path}: HDU {hdu!r} must be a 2-D image; got shape {np.shape(data)}")
+    image = np.asarray(data, dtype=np.float32)
+    ny, nx = image.shape
+    if ny != nx:
+        raise TfhybridInputError(
+            f"{path}: the image is {ny} × {nx} pixels; the lens model needs a square image "
+            "(cut a square stamp centred on the lens)")
+    bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+    if bad:
+        raise TfhybridInputError(
+            f"{path}: {bad} NaN or inf pixel(s); mask or inpaint them before fitting")
+    if pixel_scale_arcsec is None:
+        scale = _pixel_scale_from_header(header)
+        if scale is None:
+            raise TfhybridInputError(
+                f"cannot tell the pixel scale of {path}: its header has no celestial WCS "
+                "(CDELT/CD) and no PIXSCALE card; give it (--pixel-scale ARCSEC)")
+    else:
+        scale = pixel_scale_arcsec
+    scale = as_arcsec("pixel scale", scale, low=1e-6, high=3600.0)
+    if not scale > 0:
+        raise TfhybridInputError(f"{path}: the pixel scale must be > 0 arcsec; got {scale}")
+    return LensImage(image, float(scale), path, header)
+
+
+def flux_scale(image: np.ndarray) -> float:
+    """The divisor that brings an observed lens image to the model's units: its peak after a
+    3 × 3 median filter, which removes single-pixel spikes but keeps an arc a few pixels
+    wide (> 0; an error for an image with no positive light)."""
+    from scipy import ndimage
+
+    peak = float(np.max(ndimage.median_filter(np.asarray(image, np.float64), size=3)))
+    if not peak > 0:
+        raise TfhybridInputError(
+            "the image has no positive light (its 3 × 3-median-filtered peak is "
+            f"{peak:.3g}); is the lens image background-subtracted and in linear units?")
+    return peak
