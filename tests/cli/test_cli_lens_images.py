@@ -27,7 +27,10 @@ def observed(tmp_path_factory):
         hdu.header[key] = value
     hdu.writeto(d / "lens.fits")
     fits.PrimaryHDU(np.zeros((32, 32), np.float32)).writeto(d / "small.fits")
-    return dict(path=d / "lens.fits", small=d / "small.fits",
+    odd = fits.PrimaryHDU(hdu.data[:62, :62])
+    odd.header["PIXSCALE"] = 0.16
+    odd.writeto(d / "odd.fits")
+    return dict(path=d / "lens.fits", small=d / "small.fits", odd=d / "odd.fits",
                 sigma=UNIT * mocks.noise_sigma["high"], mocks=mocks)
 
 
@@ -81,6 +84,9 @@ def test_observed_image_errors(observed, tmp_path, capsys):
         (["--image", str(observed["small"]), "--noise-sigma", "1", "--psf-sigma", "0.2"],
          "cannot tell the pixel scale"),
         (["--mock", image, "--psf-sigma", "0.2"], "--psf-sigma applies to --image only"),
+        # the global search bins the image 4 × 4: refused before anything is written
+        (["--image", str(observed["odd"]), "--noise-sigma", "1", "--psf-sigma", "0.2"],
+         "dividing the image's side (62 pixels)"),
     ]
     for argv, message in cases:
         assert main(["lens", "fit", *argv, "--out", out]) == 2, argv

@@ -778,6 +778,12 @@ def fit_map(
             raise TfhybridInputError(
                 f"coarse_starts ({coarse_starts}) must be >= num_starts ({num_starts})"
             )
+        n_pix = posterior.config.n_pix
+        if not isinstance(coarse_factor, int | np.integer) or coarse_factor < 1 or (
+                n_pix % coarse_factor):
+            raise TfhybridInputError(
+                f"coarse_factor must be a positive integer dividing the image's side "
+                f"({n_pix} pixels); got {coarse_factor!r}: crop the image to a multiple of it")
         if coarse_prune_after is not None and min(coarse_keep, coarse_starts) < num_starts:
             raise TfhybridInputError(
                 f"coarse_keep ({coarse_keep}) must be >= num_starts ({num_starts}): the "
