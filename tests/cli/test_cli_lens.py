@@ -35,22 +35,22 @@ def test_mock_fit_sample_report(tmp_path, capsys, monkeypatch):
                 "--coarse-starts", "3", "--coarse-steps", "20", "--newton-iter", "1",
                 "--lbfgs-iter", "5", "--source-residual", "8", "--out", str(fit_dir),
                 "--no-progress"]
-    # interrupted after the white MAP (in the sandwich intervals): its stages are kept, no
-    # output is written, and the same command resumes from them
-    import tfhybrid.lens.robust as robust_module
+    # interrupted after the white MAP (as the source-residual stage begins): its stages are
+    # kept, no output is written, and the same command resumes from them
+    import tfhybrid.lens.fit as fit_module
 
-    sandwich = robust_module.sandwich_intervals
+    residual_stage = fit_module.polish_with_source_residual
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(robust_module, "sandwich_intervals", interrupted)
+    monkeypatch.setattr(fit_module, "polish_with_source_residual", interrupted)
     assert main(fit_argv) == 130
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in fit_dir.iterdir()) == ["checkpoint"]
     assert sorted(p.name for p in (fit_dir / "checkpoint").iterdir()) == [
         "adam.npz", "config.json", "global_search.npz", "polish.npz"]
-    monkeypatch.setattr(robust_module, "sandwich_intervals", sandwich)
+    monkeypatch.setattr(fit_module, "polish_with_source_residual", residual_stage)
     assert main(fit_argv) == 0
     out = capsys.readouterr().out
     assert "resumed from" in out and "global_search, adam, polish loaded, not rerun" in out
