@@ -37,6 +37,10 @@ def test_pixel_scale_comes_from_the_wcs_in_any_unit_or_from_pixscale(tmp_path):
               CD2_2=0.05 / 3600 * c)
     p = _write(tmp_path / "cd.fits", img, **cd)
     assert read_lens_image(p).pixel_scale_arcsec == pytest.approx(0.05, rel=1e-9)
+    nounit = {k: v for k, v in _tan_wcs(-0.04 / 3600, 0.04 / 3600).items()
+              if not k.startswith("CUNIT")}  # degrees by the FITS standard
+    p = _write(tmp_path / "nounit.fits", img, **nounit)
+    assert read_lens_image(p).pixel_scale_arcsec == pytest.approx(0.04, rel=1e-9)
     p = _write(tmp_path / "pixscale.fits", img, PIXSCALE=0.03)
     lens = read_lens_image(p)
     assert lens.pixel_scale_arcsec == 0.03 and lens.image.shape == (32, 32)
@@ -71,6 +75,9 @@ def test_bad_images_are_refused_with_what_to_do(tmp_path):
         read_lens_image(p)
     p = _write(tmp_path / "skew.fits", img, **_tan_wcs(-0.04 / 3600, 0.05 / 3600))
     with pytest.raises(TfhybridInputError, match="non-square pixels"):
+        read_lens_image(p)
+    p = _write(tmp_path / "badwcs.fits", img, **dict(_tan_wcs(-1e-5, 1e-5), CTYPE1="RA---XYZ"))
+    with pytest.raises(TfhybridInputError, match="WCS cannot be read.*--pixel-scale"):
         read_lens_image(p)
     p = _write(tmp_path / "ok.fits", img, PIXSCALE=0.04)
     with pytest.raises(TfhybridInputError, match="pixel scale"):

@@ -47,12 +47,19 @@ def _pixel_scale_from_header(header) -> float | None:
     from astropy.wcs import WCS
     from astropy.wcs.utils import proj_plane_pixel_scales
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # FITSFixedWarning about date or RADESYS cards
-        wcs = WCS(header)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FITSFixedWarning about date or RADESYS cards
+            wcs = WCS(header)
+    except Exception as err:  # noqa: BLE001 - astropy raises many kinds for a broken WCS
+        raise TfhybridInputError(
+            f"the header's WCS cannot be read ({type(err).__name__}: "
+            f"{' '.join(str(err).split())}); give the pixel "
+            "scale (--pixel-scale ARCSEC)") from err
     if wcs.has_celestial:
         celestial = wcs.celestial
-        units = [u.Unit(x) for x in celestial.wcs.cunit]
+        # the FITS standard's unit for celestial axes is the degree when CUNITi is absent
+        units = [u.Unit(str(x)) if str(x) else u.deg for x in celestial.wcs.cunit]
         scales = [(s * unit).to_value(u.arcsec) for s, unit in
                   zip(proj_plane_pixel_scales(celestial), units, strict=True)]
         if abs(scales[0] - scales[1]) > SQUARE_PIXEL_RTOL * max(scales):
