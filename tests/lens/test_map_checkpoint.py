@@ -85,6 +85,9 @@ def test_fit_map_resumes_each_finished_stage_and_refuses_another_fits(tmp_path, 
     with pytest.raises(TfhybridInputError, match=r"different settings \(observed_sha1\)"):
         fit_map(_posterior(vae, shift=1e-3), checkpoint_dir=ckpt, **SETTINGS)
     assert calls == ["find_map", "polish"]  # refused before any work
+    (ckpt / "config.json").unlink()  # stage files of unknown provenance are not used
+    with pytest.raises(TfhybridInputError, match="no config.json"):
+        fit_map(post, checkpoint_dir=ckpt, **SETTINGS)
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(TfhybridInputError, match="cannot create the checkpoint directory"):

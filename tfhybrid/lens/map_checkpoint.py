@@ -71,6 +71,11 @@ class MapCheckpoint:
         except OSError as err:
             raise TfhybridInputError(
                 f"cannot create the checkpoint directory {self.directory}: {err}") from err
+        if not (self.directory / "config.json").exists() and any(
+                (self.directory / f"{stage}.npz").exists() for stage in STAGES):
+            raise TfhybridInputError(
+                f"checkpoint_dir {self.directory} holds stage files but no config.json, so "
+                "what they were fitted with is unknown; remove them to start afresh")
         check_or_write_config(self.directory, dict(config, format=FORMAT, version=__version__))
         self.loaded: list[str] = []
 
