@@ -83,6 +83,34 @@ def savefig_atomic(fig, path: str | os.PathLike, **kwargs) -> Path:
     return Path(path)
 
 
+def save_arrays_npz(path: str | os.PathLike, arrays: dict) -> Path:
+    """Write a dict of arrays to ``path`` (.npz) atomically (no pickles)."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    return Path(path)
+
+
+def load_arrays_npz(path: str | os.PathLike) -> dict:
+    """Read an .npz of plain arrays (``allow_pickle=False``), with a clear error if unreadable."""
+    import numpy as np
+
+    from tfhybrid.validation import TfhybridInputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise TfhybridInputError(f"expected a weights file {path}; it does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as err:  # zipfile.BadZipFile, ValueError (pickled object), EOFError, ...
+        raise TfhybridInputError(
+            f"{path} is not a readable .npz of plain arrays (corrupted or truncated?): {err}"
+        ) from err
+
+
 def check_or_write_config(directory: str | os.PathLike, config: dict,
                           name: str = "checkpoint_dir") -> None:
     """The settings a resumable job's directory was made with: ``directory/config.json``.

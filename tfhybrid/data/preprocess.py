@@ -112,11 +112,11 @@ def estimate_noise_sigma(images: np.ndarray, mask_sources: bool = False) -> np.n
     spread = mad_std(kept.filled(np.nan), axis=-1, ignore_nan=True)
     sigma = (np.asarray(spread) / np.sqrt(2.0)).astype(np.float64)
     if mask_sources:
+        smooth = ndimage.uniform_filter(images, size=3, axes=(-2, -1))
+        struct = np.zeros((1,) * (images.ndim - 2) + (3, 3), bool)  # a cross, per image
+        struct[..., 1, :] = struct[..., :, 1] = True
         for _ in range(3):
-            smooth = ndimage.uniform_filter(images, size=3, axes=(-2, -1))
             lit = smooth > np.asarray(sigma)[..., None, None]
-            struct = np.zeros((1,) * (images.ndim - 2) + (3, 3), bool)
-            struct[..., 1, :] = struct[..., :, 1] = True
             lit = ndimage.binary_dilation(lit, structure=struct, iterations=2)
             sigma = estimate_noise_sigma(np.where(lit, np.nan, images))
     return sigma

@@ -40,7 +40,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfhybrid.inference.state import as_state_parts
-from tfhybrid.io import atomic_path, check_or_write_config
+from tfhybrid.io import check_or_write_config, save_arrays_npz
 from tfhybrid.validation import TfhybridInputError
 
 tfb = tfp.bijectors
@@ -539,9 +539,7 @@ def _write_chunk(ckpt: Path, index: int, draws, trace, state, flat_kr, seconds: 
     arrays.update({f"trace_{k}": v for k, v in trace.items()})
     arrays.update({f"state_{i}": s for i, s in enumerate(state)})
     arrays.update({f"kr_{i}": np.asarray(k) for i, k in enumerate(flat_kr)})
-    with atomic_path(ckpt / f"chunk_{index:05d}.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+    save_arrays_npz(ckpt / f"chunk_{index:05d}.npz", arrays)
 
 
 def _load_chunks(ckpt: Path, n_parts: int, n_kr: int):

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tfhybrid.inference.map import MapResult
-from tfhybrid.io import check_or_write_config
-from tfhybrid.priors.training import load_arrays_npz, save_arrays_npz
+from tfhybrid.io import check_or_write_config, load_arrays_npz, save_arrays_npz
 from tfhybrid.validation import TfhybridInputError
 
 FORMAT = "tfhybrid.lens.fit_map.checkpoint/1"

@@ -31,7 +31,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfhybrid.io import atomic_path, write_json_atomic
+from tfhybrid.io import (  # noqa: F401 - the npz helpers, re-exported here
+    atomic_path,
+    load_arrays_npz,
+    save_arrays_npz,
+    write_json_atomic,
+)
 from tfhybrid.validation import TfhybridInputError
 
 STATE_FILE = "state.json"
@@ -50,28 +55,6 @@ def variables_to_arrays(variables) -> dict[str, np.ndarray]:
             raise RuntimeError(f"duplicate variable path {key!r}; name the layers uniquely")
         out[key] = np.asarray(keras.ops.convert_to_numpy(v))
     return out
-
-
-def save_arrays_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
-    """Write a dict of arrays to ``path`` (.npz) atomically (no pickles)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-    return Path(path)
-
-
-def load_arrays_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read an .npz of plain arrays (``allow_pickle=False``), with a clear error if unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise TfhybridInputError(f"expected a weights file {path}; it does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as err:  # zipfile.BadZipFile, ValueError (pickled object), EOFError, ...
-        raise TfhybridInputError(
-            f"{path} is not a readable .npz of plain arrays (corrupted or truncated?): {err}"
-        ) from err
 
 
 def assign_arrays(variables, arrays: dict[str, np.ndarray], source: str = "weights") -> None:
