@@ -10,6 +10,7 @@ from astropy.io import fits
 from tfhybrid.cli.main import main
 from tfhybrid.lens.mocks import make_mocks
 from tfhybrid.physics.lensing import LensingConfig
+from tfhybrid.physics.psf import gaussian_psf, psf_sigma_to_fwhm
 
 CONFIG = LensingConfig(n_pix=64, pixel_scale_arcsec=0.16, psf_sigma_arcsec=0.2)
 UNIT = 1000.0  # the "observation" is in other units than the model's (e.g. e-/s)
@@ -30,7 +31,15 @@ def observed(tmp_path_factory):
     odd = fits.PrimaryHDU(hdu.data[:62, :62])
     odd.header["PIXSCALE"] = 0.16
     odd.writeto(d / "odd.fits")
+    # the mock's Gaussian PSF as a model PSF sampled 3x finer than the image (binned exactly
+    # to it: a pixel-integrated profile), and one sampled 2.5x finer (refused)
+    fwhm = psf_sigma_to_fwhm(CONFIG.psf_sigma_arcsec)
+    for name, over in (("psf_x3.fits", 3), ("psf_x2.5.fits", 2.5)):
+        psf = fits.PrimaryHDU(gaussian_psf(fwhm, CONFIG.pixel_scale_arcsec / over, 31))
+        psf.header["PIXSCALE"] = CONFIG.pixel_scale_arcsec / over
+        psf.writeto(d / name)
     return dict(path=d / "lens.fits", small=d / "small.fits", odd=d / "odd.fits",
+                psf=d / "psf_x3.fits", bad_psf=d / "psf_x2.5.fits",
                 sigma=UNIT * mocks.noise_sigma["high"], mocks=mocks)
 
 
@@ -58,11 +67,14 @@ def test_fit_and_sample_observed_images(observed, tmp_path, capsys):
     assert {r["parameter"] for r in rows} >= {"r_ein", "gamma", "q"}
     assert all("true" not in r and "lo68_robust" in r for r in rows)  # no truth, robust widths
     assert "true" not in (fit_dir / "map_table.txt").read_text().split("\n")[0]
-    assert main(["lens", "sample", "--image", image, "--noise-sigma", "auto", "--psf-sigma",
-                 "0.2", "--map", str(fit_dir / "map.json"), "--num-results", "4",
+    # the PSF as an image (the same Gaussian, 3x oversampled in the file)
+    assert main(["lens", "sample", "--image", image, "--noise-sigma", "auto", "--psf",
+                 str(observed["psf"]), "--map", str(fit_dir / "map.json"), "--num-results", "4",
                  "--num-burnin", "0", "--robust-block", "0", "--out", str(sample_dir),
                  "--no-progress"]) == 0
-    assert "HMC: 4 draws" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PSF image 11 x 11, binned 3x to the images' pixels" in out
+    assert "HMC: 4 draws" in out
     assert (sample_dir / "posterior.nc").is_file()
 
 
@@ -84,6 +96,11 @@ def test_observed_image_errors(observed, tmp_path, capsys):
         (["--image", str(observed["small"]), "--noise-sigma", "1", "--psf-sigma", "0.2"],
          "cannot tell the pixel scale"),
         (["--mock", image, "--psf-sigma", "0.2"], "--psf-sigma applies to --image only"),
+        (["--mock", image, "--psf", str(observed["psf"])], "--psf applies to --image only"),
+        (["--image", image, "--noise-sigma", "1", "--psf-sigma", "0.2", "--psf",
+          str(observed["psf"])], "give --psf-sigma or --psf, not both"),
+        (["--image", image, "--noise-sigma", "1", "--psf", str(observed["bad_psf"])],
+         "ratio 2.5 is not a whole number"),
         # the global search bins the image 4 × 4: refused before anything is written
         (["--image", str(observed["odd"]), "--noise-sigma", "1", "--psf-sigma", "0.2"],
          "dividing the image's side (62 pixels)"),

@@ -165,6 +165,14 @@ def test_kill_and_resume_is_bit_identical(gaussian, hmc_result, tmp_path, monkey
         sample_posterior(
             dist.log_prob, tf.zeros(D), checkpoint_dir=tmp_path, **{**kwargs, "seed": 8}
         )
+    # so is a target the caller says differs (checkpoint_config: e.g. a digest of the data),
+    # named; it may not overwrite the sampler's own settings
+    with pytest.raises(TfhybridInputError, match=r"different settings \(data_sha1\)"):
+        sample_posterior(dist.log_prob, tf.zeros(D), checkpoint_dir=tmp_path,
+                         checkpoint_config=dict(data_sha1="abc"), **kwargs)
+    with pytest.raises(TfhybridInputError, match=r"must not set the sampler's own.*'seed'"):
+        sample_posterior(dist.log_prob, tf.zeros(D), checkpoint_dir=tmp_path / "new",
+                         checkpoint_config=dict(seed=3), **kwargs)
 
 
 def test_arviz_export(hmc_result, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 import tfhybrid.lens.fit as fit_module
 from tests.lens.test_model import CONFIG, SIGMA, TRUTH, SmoothSourceModel
-from tfhybrid.lens.fit import fit_map
+from tfhybrid.lens.fit import fit_map, sample_lens_posterior
 from tfhybrid.lens.model import LensPosterior
 from tfhybrid.physics.lensing import PARAM_NAMES, simulate_lensed_image
 from tfhybrid.validation import TfhybridInputError
@@ -92,3 +92,37 @@ def test_fit_map_resumes_each_finished_stage_and_refuses_another_fits(tmp_path, 
     blocker.write_text("")
     with pytest.raises(TfhybridInputError, match="cannot create the checkpoint directory"):
         fit_map(post, checkpoint_dir=blocker / "ckpt", **SETTINGS)
+
+
+def test_sampling_chunks_resume_only_for_the_same_data_map_and_whitening(tmp_path,
+                                                                         monkeypatch):
+    # The sampler runs in coordinates whitened about the MAP, so its start is always zero: the
+    # chunks must record the posterior's fingerprint, the MAP and the whitening, so that a
+    # rerun in the same directory with other data or another start is refused instead of
+    # mixing chains. (The sampler's own check is tests/inference/test_mcmc.py's; here it is
+    # given what the lens layer passes, without compiling a sampler.)
+    from tfhybrid.io import check_or_write_config
+
+    class Checked(Exception):
+        pass
+
+    def check_only(target, state, checkpoint_dir=None, checkpoint_config=None, **kwargs):
+        check_or_write_config(checkpoint_dir, checkpoint_config)
+        raise Checked
+
+    monkeypatch.setattr(fit_module, "sample_posterior", check_only)
+    vae = SmoothSourceModel()
+    post = _posterior(vae)
+    start = post.state_from_dict(dict(TRUTH, z=np.full(8, 0.3, np.float32)))
+    kwargs = dict(num_results=4, num_burnin=0, progress=False,
+                  hessian=np.eye(20)[None] * 1e4, checkpoint_dir=tmp_path / "chunks")
+    for _ in range(2):  # written, then found the same
+        with pytest.raises(Checked):
+            sample_lens_posterior(post, start, **kwargs)
+    with pytest.raises(TfhybridInputError, match=r"different settings \(observed_sha1\)"):
+        sample_lens_posterior(_posterior(vae, shift=1e-3), start, **kwargs)
+    moved = post.state_from_dict(dict(TRUTH, r_ein=1.31, z=np.full(8, 0.3, np.float32)))
+    with pytest.raises(TfhybridInputError, match=r"different settings \(map_sha1\)"):
+        sample_lens_posterior(post, moved, **kwargs)
+    with pytest.raises(TfhybridInputError, match=r"different settings \(whitening_sha1\)"):
+        sample_lens_posterior(post, start, **dict(kwargs, hessian=np.eye(20)[None] * 2e4))

@@ -6,7 +6,7 @@ import pytest
 from astropy.io import fits
 
 from tfhybrid.data.preprocess import estimate_noise_sigma
-from tfhybrid.lens.observations import flux_scale, read_lens_image
+from tfhybrid.lens.observations import flux_scale, read_lens_image, read_psf_image
 from tfhybrid.validation import TfhybridInputError
 
 
@@ -108,3 +108,34 @@ def test_flux_scale_is_the_smoothed_peak_and_the_noise_estimate_ignores_the_arcs
     holed = noisy.copy()
     holed[:, :10] = np.nan  # NaN pixels (masked) are ignored
     assert float(estimate_noise_sigma(holed)) == pytest.approx(0.1, rel=0.04)
+
+
+def test_psf_images_are_read_centred_and_binned_from_a_whole_oversampling(tmp_path):
+    from tfhybrid.physics.psf import gaussian_psf
+
+    fwhm = 0.47
+    at_image = gaussian_psf(fwhm, 0.16, 11).astype(np.float64)
+    # no pixel scale in the header: the images' own
+    kernel, factor = read_psf_image(_write(tmp_path / "same.fits", 5 * at_image), 0.16)
+    assert factor == 1
+    np.testing.assert_allclose(kernel, at_image / at_image.sum(), rtol=1e-6)
+    # 3x oversampled (a model PSF): binned to the images' pixels, exactly for a pixel-
+    # integrated profile (float32 file: 1e-6)
+    fine = gaussian_psf(fwhm, 0.16 / 3, 33)
+    kernel, factor = read_psf_image(_write(tmp_path / "x3.fits", fine, PIXSCALE=0.16 / 3), 0.16)
+    assert factor == 3 and kernel.shape == (11, 11)
+    np.testing.assert_allclose(kernel, at_image / at_image.sum(), atol=1e-6 * at_image.max())
+    bad = [
+        (_write(tmp_path / "even.fits", np.ones((10, 11))), "sides must be odd"),
+        (_write(tmp_path / "ratio.fits", fine, PIXSCALE=0.16 / 2.5), "ratio 2.5 is not a whole"),
+        (_write(tmp_path / "coarser.fits", at_image, PIXSCALE=0.32), "ratio 0.5 is not a whole"),
+        (_write(tmp_path / "neg.fits", -at_image), "positive sum"),
+        (_write(tmp_path / "nan.fits", np.where(at_image > at_image.max() / 2, np.nan,
+                                                    at_image)), "NaN or inf"),
+        (_write(tmp_path / "shifted.fits", np.roll(at_image, 3, axis=1)),
+         r"brightest pixel is at \(y, x\) = \(5, 8\), not the central pixel \(5, 5\)"),
+        (tmp_path / "missing.fits", "PSF file .* does not exist"),
+    ]
+    for path, match in bad:
+        with pytest.raises(TfhybridInputError, match=match):
+            read_psf_image(path, 0.16)

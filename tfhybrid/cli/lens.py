@@ -159,8 +159,12 @@ def register(subparsers) -> None:
                        help="with --image: pixel side in arcsec (default: from the header's "
                             "celestial WCS, else its PIXSCALE card)")
         p.add_argument("--psf-sigma", type=float, default=None, metavar="ARCSEC",
-                       help="with --image (required): σ of the Gaussian PSF in arcsec (0: "
-                            "no PSF)")
+                       help="with --image (this or --psf required): σ of a Gaussian PSF in "
+                            "arcsec (0: no PSF)")
+        p.add_argument("--psf", default=None, metavar="FITS",
+                       help="with --image: the PSF as a FITS image instead (odd sides, centred; "
+                            "at the images' pixel scale, or a whole number of times finer, "
+                            "then binned to their pixels)")
         p.add_argument("--vae", default=None,
                        help="VAE directory (default: the shipped model)")
         p.add_argument("--seed", type=int, default=0)
@@ -258,14 +262,16 @@ def _load_images(args):
 
     from tfhybrid.data.preprocess import estimate_noise_sigma
     from tfhybrid.lens.model import LensPosterior
-    from tfhybrid.lens.observations import flux_scale, read_lens_image
+    from tfhybrid.lens.observations import flux_scale, read_lens_image, read_psf_image
     from tfhybrid.physics.lensing import LensingConfig
     from tfhybrid.priors.vae import load_default_vae, load_vae
 
-    if args.noise_sigma is None or args.psf_sigma is None:
+    if args.noise_sigma is None or (args.psf_sigma is None and args.psf is None):
         raise _error("--image needs --noise-sigma (a value, one per image, or auto) and "
-                     "--psf-sigma (arcsec; 0 for none)")
-    if not (args.psf_sigma >= 0 and np.isfinite(args.psf_sigma)):
+                     "--psf-sigma (arcsec; 0 for none) or --psf (a FITS image)")
+    if args.psf_sigma is not None and args.psf is not None:
+        raise _error("give --psf-sigma or --psf, not both")
+    if args.psf_sigma is not None and not (args.psf_sigma >= 0 and np.isfinite(args.psf_sigma)):
         raise _error(f"--psf-sigma must be >= 0 arcsec; got {args.psf_sigma}")
     if len(args.noise_sigma) not in (1, len(args.image)):
         raise _error(f"{len(args.noise_sigma)} --noise-sigma values for {len(args.image)} "
@@ -293,10 +299,19 @@ def _load_images(args):
     scales = np.array([flux_scale(im) for im in observed])
     print("images divided by their peak (3x3 median filtered; the model's units): "
           + ", ".join(f"{v:.4g}" for v in scales))
+    psf_image = None
+    if args.psf is not None:
+        psf_image, oversampling = read_psf_image(args.psf, scale)
+        binned = f", binned {oversampling}x to the images' pixels" if oversampling > 1 else ""
+        print(f"{args.psf}: PSF image {psf_image.shape[0]} x {psf_image.shape[1]}{binned}")
+        if psf_image.shape[0] > n or psf_image.shape[1] > n:
+            raise _error(f"the PSF image ({psf_image.shape[0]} x {psf_image.shape[1]} pixels) "
+                         f"is larger than the images ({n} x {n}); crop it")
     config = LensingConfig(n_pix=int(n), pixel_scale_arcsec=float(scale),
-                           psf_sigma_arcsec=float(args.psf_sigma) or None)
+                           psf_sigma_arcsec=float(args.psf_sigma or 0.0) or None)
     vae = load_default_vae() if args.vae is None else load_vae(args.vae)
-    posterior = LensPosterior(observed / scales[:, None, None], sigma / scales, vae, config)
+    posterior = LensPosterior(observed / scales[:, None, None], sigma / scales, vae, config,
+                              psf_image=psf_image)
     labels = [f"{Path(p).stem} (σ/peak={s:.3g})"
               for p, s in zip(args.image, sigma / scales, strict=True)]
     return posterior, None, labels
@@ -309,7 +324,7 @@ def _load(args):
 
     if args.image is not None:
         return _load_images(args)
-    for flag in ("noise_sigma", "pixel_scale", "psf_sigma"):
+    for flag in ("noise_sigma", "pixel_scale", "psf_sigma", "psf"):
         if getattr(args, flag) is not None:
             raise _error(f"--{flag.replace('_', '-')} applies to --image only (a mock file "
                          "records its own)")

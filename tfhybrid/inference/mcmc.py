@@ -125,6 +125,7 @@ def sample_posterior(
     jit_compile: bool = True,
     names: Sequence[str] | None = None,
     adapt: bool | str = True,
+    checkpoint_config: dict | None = None,
 ) -> PosteriorResult:
     """Draw ``num_results`` posterior samples per chain with HMC or NUTS (003_* §5.3).
 
@@ -143,6 +144,9 @@ def sample_posterior(
     chunk_size : steps per compiled chunk (default: about a tenth of the run, at most 250).
     checkpoint_dir : directory for chunk files; an interrupted run called again with the same
         arguments resumes from its last complete chunk.
+    checkpoint_config : what else the chunks depend on, as JSON values (e.g. digests of the
+        data and of a change of variables hidden in ``target_log_prob_fn``); recorded with the
+        settings, and a resume with other values is refused.
     progress : tqdm progress bar over steps.
     step_size : initial step size (default 0.5 · n_params^(−1/4), TFP's heuristic).
     num_leapfrog_steps : HMC trajectory length in steps.
@@ -247,6 +251,24 @@ def sample_posterior(
     total = int(num_burnin) + int(num_results)
     chunk = int(chunk_size) if chunk_size else max(1, min(250, -(-total // 10)))
     n_chunks = -(-total // chunk)
+    # the settings the chunks were made with: refused before any tracing if they differ
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = Path(checkpoint_dir)
+        config = dict(
+            format=_CHECKPOINT_FORMAT, kernel=kernel, num_results=int(num_results),
+            num_burnin=int(num_burnin), adapt=adapt, seed=int(seed), chunk_size=chunk,
+            shapes=[list(u.shape) for u in unconstrained], dtype=dtype.name,
+            step_size=np.asarray(init_step).tolist(), num_leapfrog_steps=int(num_leapfrog_steps),
+            max_tree_depth=int(max_tree_depth), target_accept_prob=float(accept),
+            initial_state_sha1=_fingerprint(unconstrained),
+        )
+        clash = sorted(set(checkpoint_config or {}) & set(config))
+        if clash:
+            raise TfhybridInputError(f"checkpoint_config must not set the sampler's own "
+                                     f"settings {clash}")
+        config.update(checkpoint_config or {})
+        check_or_write_config(ckpt, config)
     try:
         fn_key = hash(target_log_prob_fn) and target_log_prob_fn  # bound methods compare equal
     except TypeError:
@@ -279,19 +301,6 @@ def sample_posterior(
         mcmc_kernel.bootstrap_results(unconstrained), expand_composites=True
     )
     base_seed = tf.constant([int(seed) % (2**31), 12345], tf.int32)
-
-    ckpt = None
-    if checkpoint_dir is not None:
-        ckpt = Path(checkpoint_dir)
-        config = dict(
-            format=_CHECKPOINT_FORMAT, kernel=kernel, num_results=int(num_results),
-            num_burnin=int(num_burnin), adapt=adapt, seed=int(seed), chunk_size=chunk,
-            shapes=[list(u.shape) for u in unconstrained], dtype=dtype.name,
-            step_size=np.asarray(init_step).tolist(), num_leapfrog_steps=int(num_leapfrog_steps),
-            max_tree_depth=int(max_tree_depth), target_accept_prob=float(accept),
-            initial_state_sha1=_fingerprint(unconstrained),
-        )
-        check_or_write_config(ckpt, config)
 
     state = [tf.convert_to_tensor(u) for u in unconstrained]
     flat_kr = [_to_numpy(t) for t in flat_template]

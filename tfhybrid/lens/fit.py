@@ -47,6 +47,7 @@ from tfhybrid.lens.map_checkpoint import (
 from tfhybrid.lens.model import STATE_NAMES, LensPosterior
 from tfhybrid.physics.lens_profiles import circularised_einstein_radius
 from tfhybrid.physics.lensing import PARAM_NAMES, resample_source_stamp
+from tfhybrid.physics.psf import bin_psf_image
 from tfhybrid.physics.source_residual import SourceResidualConfig
 from tfhybrid.priors.vae import fit_latent_map
 from tfhybrid.validation import TfhybridInputError
@@ -328,7 +329,8 @@ def coarse_posterior(posterior: LensPosterior, factor: int = 4,
 
     The observed images are averaged over ``factor × factor`` blocks (noise σ / factor), and the
     model is ray-traced on the coarse pixels (``supersampling`` rays per side), with the same
-    PSF, prior and VAE. With ``factor = 4`` and ``supersampling = 1`` a forward model costs 1/16
+    PSF (a ``psf_image`` binned by :func:`tfhybrid.physics.psf.bin_psf_image`), prior and VAE.
+    With ``factor = 4`` and ``supersampling = 1`` a forward model costs 1/16
     of the full one, so 16 coarse starts cost about one full start. The coarse optimum is
     biased by the coarser sampling; it only has to land in the right basin. ``jit_compile``
     overrides the configuration's (whether the simulator compiles the lens equation as an
@@ -348,8 +350,14 @@ def coarse_posterior(posterior: LensPosterior, factor: int = 4,
         coarse = dataclasses.replace(coarse, jit_compile=bool(jit_compile))
     obs = posterior.observed_images
     binned = obs.reshape(obs.shape[0], n, factor, n, factor).mean(axis=(2, 4))
+    psf_image = None
+    if posterior.psf_image is not None:  # a Gaussian keeps its σ in arcsec; an image is binned
+        psf_image = bin_psf_image(posterior.psf_kernel, factor)
+        crop = [max((side - n) // 2 + (n % 2 == 0), 0) for side in psf_image.shape]
+        psf_image = psf_image[crop[0]:psf_image.shape[0] - crop[0],
+                              crop[1]:psf_image.shape[1] - crop[1]]  # no larger than the grid
     return LensPosterior(binned, posterior.noise_sigma / factor, posterior.vae, coarse,
-                         posterior.prior)
+                         posterior.prior, psf_image=psf_image)
 
 
 def _prior_upper(posterior: LensPosterior, name: str) -> float:
@@ -1522,6 +1530,11 @@ def sample_lens_posterior(
         progress=progress, num_leapfrog_steps=num_leapfrog_steps, jit_compile=jit_compile,
         names=["w"], adapt=("step_size" if adapt_step else False) if precondition else True,
         step_size=step0,
+        # the sampler's state is the whitened offset from the MAP: the chunks depend on the
+        # data, the model, the MAP and the whitening, none of which its start shows
+        checkpoint_config=None if checkpoint_dir is None else dict(
+            posterior_fingerprint(posterior), map_sha1=array_digest(flat.numpy()),
+            whitening_sha1=array_digest(amat.numpy())),
     )
     draws = tf.constant(res.samples[0], tf.float32)  # (R, C, S, D)
     parts, _ = _unflatten(posterior, bijs, u, sizes, to_unconstrained(draws))

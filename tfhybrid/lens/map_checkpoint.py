@@ -47,11 +47,15 @@ def posterior_fingerprint(posterior) -> dict:
         observed_sha1=array_digest(np.asarray(posterior.observed_images)),
         noise_sigma=np.asarray(posterior.noise_sigma, np.float64).tolist(),
         config=repr(posterior.config),
+        psf_sha1=(None if posterior.psf_image is None
+                  else array_digest(np.asarray(posterior.psf_kernel))),
         prior=repr(posterior.prior),
         vae=type(posterior.vae).__qualname__,
         vae_weights_sha1=array_digest(*weights),
         source_residual=(None if posterior.source_residual is None
                          else dataclasses.asdict(posterior.source_residual)),
+        residual_sigma=(None if posterior.residual_sigma is None
+                        else np.asarray(posterior.residual_sigma, np.float64).ravel().tolist()),
     )
 
 

@@ -183,6 +183,10 @@ class LensPosterior:
     residual_sigma : float or array ``(S,)``, optional
         σ_δ per system (source surface-brightness units), > 0; see
         :func:`tfhybrid.lens.fit.residual_sigma_by_evidence`.
+    psf_image : array ``(py, px)``, optional
+        The PSF as an image at the observation's pixel scale (odd sides, centred on the central
+        pixel, normalised here), e.g. a TinyTim or star-stack PSF; replaces the configuration's
+        Gaussian. The coarse global search bins it (:func:`tfhybrid.physics.psf.bin_psf_image`).
     """
 
     observed: object
@@ -192,6 +196,7 @@ class LensPosterior:
     prior: LensPriorConfig = field(default_factory=LensPriorConfig)
     source_residual: SourceResidualConfig | None = None
     residual_sigma: object = None
+    psf_image: object = None
 
     def __post_init__(self):
         if not isinstance(self.config, LensingConfig):
@@ -227,7 +232,7 @@ class LensPosterior:
         self.latent_dim = int(self.vae.latent_dim)
         self._observed = tf.constant(obs, dtype)
         self._sigma = tf.constant(np.array(sigma), dtype)
-        self._simulator = shared_simulator(self.config)
+        self._simulator = shared_simulator(self.config, self.psf_image)
         self._source_shape = (IMAGE_SIZE, IMAGE_SIZE)  # the VAE decoder's stamp
         self._param_prior = parameter_prior(self.prior, dtype)
         # the parameter priors in closed form where they are constant normals (all 12 of the
@@ -275,6 +280,12 @@ class LensPosterior:
     def observed_images(self) -> np.ndarray:
         """The validated observed images, ``(S, n_pix, n_pix)`` (``observed`` as given)."""
         return self._observed.numpy()
+
+    @property
+    def psf_kernel(self) -> np.ndarray | None:
+        """The PSF image the model convolves with, ``(py, px)`` float64 with unit sum (the
+        configuration's Gaussian or ``psf_image``); None without a PSF."""
+        return self._simulator.psf_kernel
 
     @property
     def noise_sigma(self) -> np.ndarray:

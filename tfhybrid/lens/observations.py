@@ -72,22 +72,13 @@ def _pixel_scale_from_header(header) -> float | None:
     return None
 
 
-def read_lens_image(path: str | os.PathLike, pixel_scale_arcsec=None,
-                    hdu: int | str | None = None) -> LensImage:
-    """Read one observed lens image from a FITS file, checking it.
-
-    Parameters
-    ----------
-    path : FITS file.
-    pixel_scale_arcsec : float or ``astropy`` angle, optional
-        Overrides the header's (WCS or ``PIXSCALE``); needed when the header has neither.
-    hdu : index or name of the image HDU (default: the first HDU with 2-D data).
-    """
+def _read_image_hdu(path: Path, hdu, what: str):
+    """``(data, header)`` of the chosen (or first 2-D image) HDU of a FITS file, checked to be
+    2-D; ``what`` names the file in messages ("image", "PSF")."""
     from astropy.io import fits
 
-    path = Path(path)
     if not path.is_file():
-        raise TfhybridInputError(f"image file {path} does not exist")
+        raise TfhybridInputError(f"{what} file {path} does not exist")
     try:
         with fits.open(path, memmap=False) as hdul:
             if hdu is not None:
@@ -105,7 +96,7 @@ def read_lens_image(path: str | os.PathLike, pixel_scale_arcsec=None,
                     shapes = [getattr(getattr(h, "data", None), "shape", None) for h in hdul]
                     raise TfhybridInputError(
                         f"{path} has no 2-D image HDU (HDU shapes: {shapes}); the lens fit "
-                        "takes one image per file")
+                        f"takes one {what} per file")
             data, header = chosen.data, chosen.header.copy()
     except TfhybridInputError:
         raise
@@ -114,16 +105,32 @@ def read_lens_image(path: str | os.PathLike, pixel_scale_arcsec=None,
     if data is None or np.ndim(data) != 2 or getattr(data.dtype, "names", None):
         raise TfhybridInputError(
             f"{path}: HDU {hdu!r} must be a 2-D image; got shape {np.shape(data)}")
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise TfhybridInputError(
+            f"{path}: {bad} NaN or inf pixel(s); mask or inpaint them before fitting")
+    return data, header
+
+
+def read_lens_image(path: str | os.PathLike, pixel_scale_arcsec=None,
+                    hdu: int | str | None = None) -> LensImage:
+    """Read one observed lens image from a FITS file, checking it.
+
+    Parameters
+    ----------
+    path : FITS file.
+    pixel_scale_arcsec : float or ``astropy`` angle, optional
+        Overrides the header's (WCS or ``PIXSCALE``); needed when the header has neither.
+    hdu : index or name of the image HDU (default: the first HDU with 2-D data).
+    """
+    path = Path(path)
+    data, header = _read_image_hdu(path, hdu, "image")
     image = np.asarray(data, dtype=np.float32)
     ny, nx = image.shape
     if ny != nx:
         raise TfhybridInputError(
             f"{path}: the image is {ny} × {nx} pixels; the lens model needs a square image "
             "(cut a square stamp centred on the lens)")
-    bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
-    if bad:
-        raise TfhybridInputError(
-            f"{path}: {bad} NaN or inf pixel(s); mask or inpaint them before fitting")
     if pixel_scale_arcsec is None:
         scale = _pixel_scale_from_header(header)
         if scale is None:
@@ -136,6 +143,53 @@ def read_lens_image(path: str | os.PathLike, pixel_scale_arcsec=None,
     if not scale > 0:
         raise TfhybridInputError(f"{path}: the pixel scale must be > 0 arcsec; got {scale}")
     return LensImage(image, float(scale), path, header)
+
+
+def read_psf_image(path: str | os.PathLike, pixel_scale_arcsec: float,
+                   hdu: int | str | None = None) -> tuple[np.ndarray, int]:
+    """Read a PSF image (TinyTim, WebbPSF, a stack of stars) for images of the given pixel
+    scale: ``(kernel, oversampling)``, the kernel ``(p, p)`` float64 with unit sum on the
+    images' pixels.
+
+    The PSF's own pixel scale comes from its header as for :func:`read_lens_image`; without
+    one it is taken to be the images'. A PSF sampled an integer ``k`` ≥ 2 times finer than the
+    images (an oversampled model PSF) is binned to their pixels by
+    :func:`tfhybrid.physics.psf.bin_psf_image` (exact for odd ``k``); any other ratio is an
+    error (resample it first). The sides must be
+    odd with the brightest pixel within one pixel of the central one (the model centres the
+    PSF on that pixel: an off-centre PSF shifts the lens).
+    """
+    from tfhybrid.physics.psf import bin_psf_image
+
+    path = Path(path)
+    data, header = _read_image_hdu(path, hdu, "PSF")
+    kernel = np.asarray(data, dtype=np.float64)
+    if kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
+        raise TfhybridInputError(
+            f"{path}: the PSF image is {kernel.shape[0]} × {kernel.shape[1]} pixels; its sides "
+            "must be odd, centred on the central pixel (pad or recentre it)")
+    if not kernel.sum() > 0:
+        raise TfhybridInputError(f"{path}: the PSF image must have a positive sum; got "
+                                 f"{kernel.sum():.3g}")
+    peak = np.unravel_index(np.argmax(kernel), kernel.shape)
+    centre = tuple(side // 2 for side in kernel.shape)
+    if max(abs(p - c) for p, c in zip(peak, centre, strict=True)) > 1:
+        raise TfhybridInputError(
+            f"{path}: the PSF's brightest pixel is at (y, x) = {tuple(map(int, peak))}, not the "
+            f"central pixel {centre}; recentre it")
+    own = _pixel_scale_from_header(header)
+    factor = 1
+    if own is not None:
+        ratio = float(pixel_scale_arcsec) / own
+        factor = int(round(ratio))
+        if factor < 1 or abs(ratio - factor) > SQUARE_PIXEL_RTOL * ratio:
+            raise TfhybridInputError(
+                f"{path}: the PSF is sampled at {own:.6g} arcsec per pixel and the images at "
+                f"{float(pixel_scale_arcsec):.6g}; their ratio {ratio:.4g} is not a whole "
+                "number: resample the PSF to the images' pixels (or a whole fraction of them)")
+    if factor > 1:
+        kernel = bin_psf_image(kernel, factor)
+    return kernel / kernel.sum(), factor
 
 
 def flux_scale(image: np.ndarray) -> float:

@@ -86,7 +86,7 @@ The public functions check shapes, names and (when called eagerly) values, raisi
 
 from __future__ import annotations
 
-import functools
+import collections
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -794,6 +794,12 @@ class LensingSimulator(keras.layers.Layer):
             n_terms = int(lens_profiles.epl_num_terms(params["q"], dtype))
         return self._compiled(source, params, n_terms)
 
+    @property
+    def psf_kernel(self) -> np.ndarray | None:
+        """The PSF image in use, ``(py, px)`` float64 with unit sum (the configured Gaussian's
+        or the custom one), or None without a PSF."""
+        return None if self._psf_image is None else self._psf_image.copy()
+
     def get_config(self):
         if self._custom_psf:
             raise NotImplementedError(
@@ -804,14 +810,33 @@ class LensingSimulator(keras.layers.Layer):
         return cfg
 
 
-@functools.lru_cache(maxsize=8)
-def shared_simulator(config: LensingConfig) -> LensingSimulator:
-    """One :class:`LensingSimulator` per configuration for the process (the default table
-    and PSF). The simulator holds no state but its compiled graphs, so everything that models
+#: the simulators :func:`shared_simulator` keeps, newest last
+_SHARED_SIMULATORS: collections.OrderedDict = collections.OrderedDict()
+_SHARED_SIMULATORS_SIZE = 8
+
+
+def shared_simulator(config: LensingConfig, psf_image=None) -> LensingSimulator:
+    """One :class:`LensingSimulator` per configuration and PSF for the process (the default
+    table). The simulator holds no state but its compiled graphs, so everything that models
     the same grid (:func:`simulate_lensed_image`, every ``LensPosterior`` of that
     configuration, e.g. the copies a fit makes with another source residual) shares them
-    instead of tracing and XLA-compiling its own (3-6 s per input shape on a 2-core CPU)."""
-    return LensingSimulator(config)
+    instead of tracing and XLA-compiling its own (3-6 s per input shape on a 2-core CPU).
+
+    ``psf_image``: a PSF image replacing the configured Gaussian (as for
+    :class:`LensingSimulator`); simulators of PSFs with the same values are shared. The last
+    8 are kept.
+    """
+    kernel = None if psf_image is None else _validate_psf(psf_image, config)
+    key = (config, None if kernel is None else (kernel.shape, kernel.tobytes()))
+    simulator = _SHARED_SIMULATORS.get(key)
+    if simulator is None:
+        simulator = LensingSimulator(config, psf_image=kernel)
+        _SHARED_SIMULATORS[key] = simulator
+        while len(_SHARED_SIMULATORS) > _SHARED_SIMULATORS_SIZE:
+            _SHARED_SIMULATORS.popitem(last=False)
+    else:
+        _SHARED_SIMULATORS.move_to_end(key)
+    return simulator
 
 
 def simulate_lensed_image(
@@ -846,12 +871,7 @@ def simulate_lensed_image(
     config = LensingConfig() if config is None else config
     if not isinstance(config, LensingConfig):
         raise TfhybridInputError(f"config must be a LensingConfig; got {config!r}")
-    simulator = (
-        shared_simulator(config)
-        if psf_image is None
-        else LensingSimulator(config, psf_image=psf_image)
-    )
-    return simulator.simulate(source, params)
+    return shared_simulator(config, psf_image).simulate(source, params)
 
 
 # ----------------------------------------------------------------------------------------------

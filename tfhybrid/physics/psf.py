@@ -65,6 +65,7 @@ __all__ = [
     "moffat_psf",
     "gaussian_psf_image",
     "moffat_psf_image",
+    "bin_psf_image",
     "fast_fft_size",
     "convolve_fft",
     "convolve_direct",
@@ -292,6 +293,64 @@ def moffat_psf(
         tf.constant(fwhm_pix, tf.float64), float(beta), size, normalize, nodes_per_pixel=nodes
     )
     return image.numpy().astype(np.float32)
+
+
+def bin_psf_image(psf_image, factor: int) -> np.ndarray:
+    """The PSF of a grid ``factor`` times coarser, for images averaged over ``factor × factor``
+    blocks of pixels (the coarse grid of :func:`tfhybrid.lens.fit.coarse_posterior`).
+
+    A PSF image holds the profile integrated over each pixel (the effective PSF), so the
+    coarse pixel centred ``f k`` fine pixels from the PSF's centre receives the sum of the fine
+    pixels it covers: ``P_c[k] = Σ_j w(j - f k) P[j]``, exact for odd ``f``. For even ``f`` the
+    coarse pixel's edge halves a fine pixel; its inner half is taken as ``b / 2 + (a - c) / 16``
+    (``a, b, c``: the inner neighbour's, the pixel's and the outer neighbour's values), the
+    integral of the quadratic with those three pixel integrals, in each axis. Against a Gaussian
+    integrated over the coarse pixels: 1e-8 for odd ``f``; for σ = 1.25 fine pixels (the
+    paper's 0.05" at 0.04") 0.5 % of the peak at ``f = 4`` and 3.6 % at ``f = 2``
+    (``tests/physics/test_psf.py``).
+
+    Parameters
+    ----------
+    psf_image : array ``(py, px)``
+        The fine PSF, odd sides, finite, positive sum (normalised here).
+    factor : int
+        Positive; 1 returns the normalised PSF.
+
+    Returns
+    -------
+    np.ndarray ``(qy, qx)`` float64, unit sum, odd sides covering the fine PSF's extent.
+    """
+    arr = np.asarray(psf_image, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[0] % 2 == 0 or arr.shape[1] % 2 == 0:
+        raise TfhybridInputError(
+            f"psf_image must be one (py, px) image with odd sides; got shape {arr.shape}"
+        )
+    if not np.all(np.isfinite(arr)) or not arr.sum() > 0:
+        raise TfhybridInputError("psf_image must be finite with a positive sum")
+    if isinstance(factor, bool) or not isinstance(factor, int | np.integer) or factor < 1:
+        raise TfhybridInputError(f"factor must be a positive integer; got {factor!r}")
+    arr = arr / arr.sum()
+    if factor == 1:
+        return arr
+    half = factor // 2
+    if factor % 2:
+        weights = np.ones(factor)
+    else:
+        # the coarse pixel's edge halves a fine pixel: its inner half is b / 2 + (a - c) / 16
+        # (a, b, c: the inner neighbour's, its own and the outer neighbour's values), the
+        # integral of the quadratic with those three pixel integrals
+        weights = np.ones(factor + 3)
+        weights[[0, -1]] = -1.0 / 16.0
+        weights[[1, -2]] = 0.5
+        weights[[2, -3]] += 1.0 / 16.0
+        half += 1
+    # separable box: rows, then columns ('full', so every coarse pixel's share is kept)
+    smoothed = np.apply_along_axis(np.convolve, 0, arr, weights)
+    smoothed = np.apply_along_axis(np.convolve, 1, smoothed, weights)
+    centres = [(n - 1) // 2 + half for n in arr.shape]
+    index = [c + factor * np.arange(-(c // factor), c // factor + 1) for c in centres]
+    coarse = smoothed[np.ix_(index[0], index[1])]
+    return coarse / coarse.sum()
 
 
 # --------------------------------------------------------------------------------------------
