@@ -79,6 +79,33 @@ def test_marginal_correction_equals_the_dense_gaussian():
     np.testing.assert_allclose(zero, 0.0, atol=1e-12)
 
 
+def test_weighted_gram_gives_the_marginal_of_a_per_pixel_noise():
+    # Pixel weights w = (σ / σ_p)² (0: masked): BᵀWB, BᵀW r, and the same correction formula
+    # is the dense Gaussian with covariance diag(σ_p²) + σ_δ² B Bᵀ over the unmasked pixels,
+    # against the white one over them (float64: to rounding).
+    rng = np.random.default_rng(5)
+    m, num_pix = 4, 300
+    col, row = _positions(rng, 1, num_pix, m)
+    resid = rng.normal(size=(1, num_pix)) * 0.1
+    sigma, sigma_res = 0.05, 0.2
+    sigma_pix = sigma * rng.uniform(0.5, 3.0, num_pix)
+    sigma_pix[rng.choice(num_pix, 40, replace=False)] = np.inf
+    weights = (sigma / sigma_pix) ** 2
+    gram = sr.bilinear_gram(tf.constant(col), tf.constant(row), tf.constant(resid), m,
+                            weights=tf.constant(weights[None]))
+    dense = sr.bilinear_design_matrix(col, row, m)[0]
+    np.testing.assert_allclose(sr.dense_gram(*gram[:2])[0],
+                               dense.T @ (weights[:, None] * dense), atol=1e-12)
+    got = sr.marginal_log_likelihood_correction(*gram, tf.constant([sigma], tf.float64),
+                                                tf.constant([sigma_res], tf.float64))[0]
+    keep = np.isfinite(sigma_pix)
+    b, r = dense[keep], resid[0, keep]
+    full = multivariate_normal(np.zeros(keep.sum()),
+                               np.diag(sigma_pix[keep] ** 2) + sigma_res**2 * b @ b.T).logpdf(r)
+    white = multivariate_normal(np.zeros(keep.sum()), np.diag(sigma_pix[keep] ** 2)).logpdf(r)
+    np.testing.assert_allclose(got, full - white, rtol=1e-9, atol=1e-9)
+
+
 def test_marginal_correction_in_float32_and_its_gradient():
     rng = np.random.default_rng(5)
     m, num_pix = 6, 2000

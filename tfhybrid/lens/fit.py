@@ -327,7 +327,8 @@ def coarse_posterior(posterior: LensPosterior, factor: int = 4,
                      supersampling: int = 1, jit_compile: bool | None = None) -> LensPosterior:
     """The same systems on a grid ``factor`` times coarser: a cheap posterior for global search.
 
-    The observed images are averaged over ``factor × factor`` blocks (noise σ / factor), and the
+    The observed images are averaged over ``factor × factor`` blocks (noise σ / factor; with a
+    noise map, inverse-variance weighted, and a block of masked pixels masked), and the
     model is ray-traced on the coarse pixels (``supersampling`` rays per side), with the same
     PSF (a ``psf_image`` binned by :func:`tfhybrid.physics.psf.bin_psf_image`), prior and VAE.
     With ``factor = 4`` and ``supersampling = 1`` a forward model costs 1/16
@@ -350,14 +351,24 @@ def coarse_posterior(posterior: LensPosterior, factor: int = 4,
         coarse = dataclasses.replace(coarse, jit_compile=bool(jit_compile))
     obs = posterior.observed_images
     binned = obs.reshape(obs.shape[0], n, factor, n, factor).mean(axis=(2, 4))
+    noise = posterior.noise_sigma / factor
+    if posterior.has_noise_map:
+        # inverse-variance weighted block means, σ = 1 / sqrt(Σ 1/σ_p²); a block with every
+        # pixel masked is masked
+        ivar = posterior.inverse_variance.reshape(obs.shape[0], n, factor, n, factor)
+        total = ivar.sum(axis=(2, 4))
+        weighted = (ivar * obs.reshape(ivar.shape)).sum(axis=(2, 4))
+        binned = np.where(total > 0, weighted / np.where(total > 0, total, 1.0), 0.0)
+        with np.errstate(divide="ignore"):
+            noise = np.where(total > 0, 1.0 / np.sqrt(total), np.inf)
     psf_image = None
     if posterior.psf_image is not None:  # a Gaussian keeps its σ in arcsec; an image is binned
         psf_image = bin_psf_image(posterior.psf_kernel, factor)
         crop = [max((side - n) // 2 + (n % 2 == 0), 0) for side in psf_image.shape]
         psf_image = psf_image[crop[0]:psf_image.shape[0] - crop[0],
                               crop[1]:psf_image.shape[1] - crop[1]]  # no larger than the grid
-    return LensPosterior(binned, posterior.noise_sigma / factor, posterior.vae, coarse,
-                         posterior.prior, psf_image=psf_image)
+    return LensPosterior(binned, noise, posterior.vae, coarse, posterior.prior,
+                         psf_image=psf_image)
 
 
 def _prior_upper(posterior: LensPosterior, name: str) -> float:

@@ -46,6 +46,8 @@ def posterior_fingerprint(posterior) -> dict:
     return dict(
         observed_sha1=array_digest(np.asarray(posterior.observed_images)),
         noise_sigma=np.asarray(posterior.noise_sigma, np.float64).tolist(),
+        noise_map_sha1=(array_digest(posterior.noise_map) if posterior.has_noise_map
+                        else None),
         config=repr(posterior.config),
         psf_sha1=(None if posterior.psf_image is None
                   else array_digest(np.asarray(posterior.psf_kernel))),

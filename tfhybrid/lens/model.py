@@ -167,9 +167,13 @@ class LensPosterior:
     ----------
     observed : array ``(n_pix, n_pix)`` or ``(S, n_pix, n_pix)``
         Observed images (surface brightness, the units of the simulator; axis order (y, x)).
-    noise : float, str or array ``(S,)``
-        Pixel noise σ (number, per-system array, or a preset name of
-        :data:`tfhybrid.physics.lensing.NOISE_SIGMA_PRESETS`).
+        NaN only in pixels the noise map masks.
+    noise : float, str, array ``(S,)`` or a noise map ``(n_pix, n_pix)`` / ``(S, n_pix, n_pix)``
+        Pixel noise σ: a number, one per system, a preset name of
+        :data:`tfhybrid.physics.lensing.NOISE_SIGMA_PRESETS`, or σ per pixel (an rms map, e.g.
+        from a drizzled image's weight map as ``1 / sqrt(w)``), ``inf`` where a pixel is
+        masked (a cosmic ray, a bad column, a neighbour's light): the likelihood is then
+        ``N(I_obs | I_pred, diag(σ_p²))`` over the unmasked pixels.
     vae : tfhybrid.priors.vae.GalaxyVAE
         Source model: ``decode(z)`` and ``latent_prior``.
     config : LensingConfig
@@ -210,18 +214,16 @@ class LensPosterior:
                 f"observed must have shape ({n}, {n}) or (S, {n}, {n}) for this LensingConfig "
                 f"(n_pix={n}); got {np.shape(self.observed)}"
             )
-        if not np.all(np.isfinite(obs)):
-            raise TfhybridInputError(
-                f"observed contains {int(np.sum(~np.isfinite(obs)))} NaN or inf pixels; mask or "
-                "inpaint them before fitting"
-            )
         self.num_systems = obs.shape[0]
-        if isinstance(self.noise, str):
-            sigma = np.full(self.num_systems, noise_sigma(self.noise))
-        else:
-            sigma = np.broadcast_to(np.asarray(self.noise, dtype=np.float64), (self.num_systems,))
-            if not np.all(np.isfinite(sigma) & (sigma > 0)):
-                raise TfhybridInputError(f"noise sigma must be finite and > 0; got {self.noise!r}")
+        sigma, weights = self._checked_noise(n)
+        valid = np.ones(obs.shape, bool) if weights is None else weights > 0
+        bad = ~np.isfinite(obs) & valid
+        if bad.any():
+            raise TfhybridInputError(
+                f"observed contains {int(bad.sum())} NaN or inf pixels; mask them (noise map "
+                "σ = inf there) or inpaint them before fitting"
+            )
+        obs = np.where(valid, obs, 0.0)
         for attr in ("decode", "latent_prior", "latent_dim"):
             if not hasattr(self.vae, attr):
                 raise TfhybridInputError(
@@ -232,6 +234,12 @@ class LensPosterior:
         self.latent_dim = int(self.vae.latent_dim)
         self._observed = tf.constant(obs, dtype)
         self._sigma = tf.constant(np.array(sigma), dtype)
+        # per-pixel weights w = (σ / σ_p)² relative to the system's σ (0: masked), or None
+        self._weights = None if weights is None else tf.constant(weights, dtype)
+        if weights is not None:
+            self._num_valid = tf.constant(np.sum(valid, axis=(1, 2)), dtype)
+            self._log_weight_sum = tf.constant(
+                np.sum(np.log(np.where(valid, weights, 1.0)), axis=(1, 2)), dtype)
         self._simulator = shared_simulator(self.config, self.psf_image)
         self._source_shape = (IMAGE_SIZE, IMAGE_SIZE)  # the VAE decoder's stamp
         self._param_prior = parameter_prior(self.prior, dtype)
@@ -266,6 +274,42 @@ class LensPosterior:
         elif self.residual_sigma is not None:
             raise TfhybridInputError("residual_sigma was given without source_residual")
 
+    def _checked_noise(self, n: int):
+        """``(σ (S,), weights (S, n, n) or None)`` from ``noise``; σ of a noise map is its
+        median over the unmasked pixels, and the weights are ``(σ / σ_p)²``, 0 where masked."""
+        s = self.num_systems
+        if isinstance(self.noise, str):
+            return np.full(s, noise_sigma(self.noise)), None
+        arr = np.asarray(self.noise, dtype=np.float64)
+        if arr.ndim >= 2 and arr.shape[-2:] == (n, n):
+            if arr.ndim == 2:
+                arr = arr[None]
+            if arr.ndim != 3 or arr.shape[0] not in (1, s):
+                raise TfhybridInputError(
+                    f"a noise map must have shape ({n}, {n}) or ({s}, {n}, {n}); got "
+                    f"{np.shape(self.noise)}")
+            arr = np.broadcast_to(arr, (s, n, n))
+            if np.isnan(arr).any() or (arr <= 0).any():
+                raise TfhybridInputError(
+                    "the noise map must be > 0 everywhere (inf for a masked pixel); it has "
+                    f"{int(np.isnan(arr).sum())} NaN and {int((arr <= 0).sum())} pixels <= 0")
+            valid = np.isfinite(arr)
+            empty = np.flatnonzero(~valid.any(axis=(1, 2)))
+            if empty.size:
+                raise TfhybridInputError(
+                    f"the noise map masks every pixel of system(s) {empty.tolist()}")
+            sigma = np.array([np.median(a[v]) for a, v in zip(arr, valid, strict=True)])
+            return sigma, np.where(valid, (sigma[:, None, None] / arr) ** 2, 0.0)
+        try:
+            sigma = np.broadcast_to(arr, (s,))
+        except ValueError:
+            raise TfhybridInputError(
+                f"noise must be a number, one per system ({s}), or a noise map ({n}, {n}) / "
+                f"({s}, {n}, {n}); got shape {arr.shape}") from None
+        if not np.all(np.isfinite(sigma) & (sigma > 0)):
+            raise TfhybridInputError(f"noise sigma must be finite and > 0; got {self.noise!r}")
+        return sigma.copy(), None
+
     # -- the model ----------------------------------------------------------------------------
     def parameter_prior(self):
         """The JointDistributionNamed over the 12 scalar parameters (eqs. 14–16, 18–23)."""
@@ -289,8 +333,30 @@ class LensPosterior:
 
     @property
     def noise_sigma(self) -> np.ndarray:
-        """Pixel noise σ per system, ``(S,)``."""
+        """Pixel noise σ per system, ``(S,)`` (of a noise map: its median over the unmasked
+        pixels)."""
         return self._sigma.numpy()
+
+    @property
+    def has_noise_map(self) -> bool:
+        """Whether the noise varies from pixel to pixel (a noise map, masks included)."""
+        return self._weights is not None
+
+    @property
+    def noise_map(self) -> np.ndarray:
+        """σ of every pixel, ``(S, n_pix, n_pix)``; ``inf`` where a pixel is masked."""
+        s, n = self.num_systems, self.config.n_pix
+        sigma = np.broadcast_to(self.noise_sigma[:, None, None], (s, n, n))
+        if self._weights is None:
+            return sigma.copy()
+        w = self._weights.numpy()
+        with np.errstate(divide="ignore"):
+            return np.where(w > 0, sigma / np.sqrt(w), np.inf)
+
+    @property
+    def inverse_variance(self) -> np.ndarray:
+        """``1 / σ_p²`` of every pixel, ``(S, n_pix, n_pix)``; 0 where a pixel is masked."""
+        return 1.0 / self.noise_map.astype(np.float64) ** 2
 
     def source_images(self, z) -> tf.Tensor:
         """Decoder means ``d(z)``: ``(..., latent_dim)`` → ``(..., 64, 64)``."""
@@ -368,9 +434,14 @@ class LensPosterior:
         with_residual = self._residual_sigma is not None
         model, coordinates = self._predict(params, z, grid_coordinates=with_residual)
         resid = (model - self._observed) / self._sigma[:, None, None]
-        n_pix = float(self.config.n_pix**2)
-        const = -0.5 * n_pix * np.log(2.0 * np.pi) - n_pix * tf.math.log(self._sigma)
-        white = -0.5 * tf.reduce_sum(resid * resid, axis=[-2, -1]) + const
+        if self._weights is None:
+            n_pix = float(self.config.n_pix**2)
+            const = -0.5 * n_pix * np.log(2.0 * np.pi) - n_pix * tf.math.log(self._sigma)
+            white = -0.5 * tf.reduce_sum(resid * resid, axis=[-2, -1]) + const
+        else:  # σ_p² = σ² / w over the unmasked pixels
+            const = (-0.5 * self._num_valid * np.log(2.0 * np.pi)
+                     - self._num_valid * tf.math.log(self._sigma) + 0.5 * self._log_weight_sum)
+            white = -0.5 * tf.reduce_sum(self._weights * resid * resid, axis=[-2, -1]) + const
         if not with_residual:
             return white
         gram = self.residual_gram(params, model, coordinates)
@@ -389,8 +460,11 @@ class LensPosterior:
         col, row = self._grid_coordinates(params) if coordinates is None else coordinates
         flat_col, flat_row = (tf.reshape(c, [-1, n * n]) for c in (col, row))
         data = tf.reshape(self._observed - model, [-1, n * n])
+        weights = None
+        if self._weights is not None:
+            weights = tf.reshape(tf.broadcast_to(self._weights, tf.shape(model)), [-1, n * n])
         return residual_model.bilinear_gram(flat_col, flat_row, data,
-                                            self.source_residual.grid_size)
+                                            self.source_residual.grid_size, weights=weights)
 
     def residual_correction(self, gram, residual_sigma, lead) -> tf.Tensor:
         """The marginal's correction to the white log-likelihood at σ_δ ``(S,)``, shape ``lead``;
@@ -474,19 +548,27 @@ class LensPosterior:
             values = dict(r_ein=r_ein, gamma=gamma, q=q, phi=phi, theta_lens1=theta_lens1,
                           theta_lens2=theta_lens2, gamma1=gamma1, gamma2=gamma2,
                           theta_src1=theta_src1, theta_src2=theta_src2, s=s, iota=iota)
-            mean = self.predict(values, z)
-            return tfd.Independent(tfd.Normal(mean, self._sigma[:, None, None]), 3)
+            return self._image_distribution(self.predict(values, z))
 
         def observed_with_residual(r_ein, gamma, q, phi, theta_lens1, theta_lens2, gamma1,
                                    gamma2, theta_src1, theta_src2, s, iota, z, residual):
             values = dict(r_ein=r_ein, gamma=gamma, q=q, phi=phi, theta_lens1=theta_lens1,
                           theta_lens2=theta_lens2, gamma1=gamma1, gamma2=gamma2,
                           theta_src1=theta_src1, theta_src2=theta_src2, s=s, iota=iota)
-            mean = self.predict(values, z) + self.residual_image(values, residual)
-            return tfd.Independent(tfd.Normal(mean, self._sigma[:, None, None]), 3)
+            return self._image_distribution(self.predict(values, z)
+                                            + self.residual_image(values, residual))
 
         parts["observed"] = observed if self._residual_sigma is None else observed_with_residual
         return tfd.JointDistributionNamed(parts)
+
+    def _image_distribution(self, mean) -> tfd.Distribution:
+        """The noise model of the images around ``mean``: masked pixels (noise map σ = inf)
+        are left out (``tfd.Masked``: no density, and zeros when sampled)."""
+        if self._weights is None:
+            return tfd.Independent(tfd.Normal(mean, self._sigma[:, None, None]), 3)
+        valid = self._weights > 0
+        scale = self._sigma[:, None, None] / tf.sqrt(tf.where(valid, self._weights, 1.0))
+        return tfd.Independent(tfd.Masked(tfd.Normal(mean, scale), valid), 3)
 
     def bijectors(self) -> list:
         """Bijectors ℝ → support of each state part, in :data:`STATE_NAMES` order.

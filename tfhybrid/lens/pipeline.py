@@ -198,10 +198,14 @@ def write_fit_outputs(out_dir, posterior: LensPosterior, fit: LensMap,
     fit_plane = evaluate_source(fit_src, fit.params, grid)
     true_plane = evaluate_source(mocks.sources, mocks.params, grid) if mocks is not None else None
     rows = []
+    noise = posterior.noise_map
+    masked = ~np.isfinite(noise)  # drawn blank
     for i in range(len(fit.log_prob)):
         label = labels[i] if labels is not None else f"system {i}"
+        sigma_i = (np.where(masked[i], np.nan, noise[i]) if posterior.has_noise_map
+                   else float(posterior.noise_sigma[i]))
         rows.append(dict(
-            observed=obs[i], model=model[i], noise_sigma=float(posterior.noise_sigma[i]),
+            observed=np.where(masked[i], np.nan, obs[i]), model=model[i], noise_sigma=sigma_i,
             true_source=true_plane[i] if true_plane is not None else fit_plane[i],
             fit_source=fit_plane[i], label=label,
         ))
@@ -210,7 +214,9 @@ def write_fit_outputs(out_dir, posterior: LensPosterior, fit: LensMap,
     savefig_atomic(fig, out / "fig_map.png", dpi=90)
     fig = loss_trace_figure(fit.result.loss_trace.reshape(fit.result.loss_trace.shape[0], -1))
     savefig_atomic(fig, out / "fig_loss.png", dpi=90)
-    chi2 = np.mean(((model - obs) / posterior.noise_sigma[:, None, None]) ** 2, axis=(-2, -1))
+    # over the unmasked pixels
+    chi2 = (np.sum((model - obs) ** 2 * posterior.inverse_variance, axis=(-2, -1))
+            / np.sum(~masked, axis=(-2, -1)))
     summary = dict(chi2_per_pixel=chi2.tolist(), wall_time_s=fit.wall_time_s)
     if robust is not None:
         summary["robust"] = robust_summary(robust)

@@ -186,12 +186,12 @@ def sandwich_intervals(posterior: LensPosterior, state, block_size: int = DEFAUL
         y = flat[None] - tf.constant(step[:, None, :])
         diff = (images(x) - images(y)).numpy() / (2.0 * eps)  # (k, S, n, n)
         jac[..., start:start + len(step)] = np.moveaxis(diff, 0, -1)
-    sigma = white.noise_sigma.astype(np.float64)  # (S,)
-    resid = (white.observed_images.astype(np.float64) - model) / sigma[:, None, None] ** 2
+    ivar = white.inverse_variance  # (S, n, n): 1 / σ_p², 0 where masked
+    resid = (white.observed_images.astype(np.float64) - model) * ivar
     fisher = np.empty((s, d, d))
     for i in range(s):  # one system at a time: float64 Jacobians of all would be S × 40 MB
         j = jac[i].reshape(n * n, d).astype(np.float64)
-        fisher[i] = j.T @ j / sigma[i] ** 2
+        fisher[i] = j.T @ (ivar[i].reshape(n * n, 1) * j)
     dvalues, prior_hess = _derived_jacobian(white, bijs, u, sizes,
                                             tf.cast(flat, tf.float32))
     hess = fisher + 0.5 * (prior_hess + np.swapaxes(prior_hess, -1, -2))

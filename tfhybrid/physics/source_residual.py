@@ -168,8 +168,9 @@ def _node_scatter_indices(m: int):
             np.stack(node_index).reshape(4, -1).astype(np.int32))
 
 
-def bilinear_gram(grid_col, grid_row, residual, grid_size: int):
-    """``BᵀB`` (as its nonzero blocks) and ``Bᵀ r`` of the bilinear interpolation operator.
+def bilinear_gram(grid_col, grid_row, residual, grid_size: int, weights=None):
+    """``BᵀB`` (as its nonzero blocks) and ``Bᵀ r`` of the bilinear interpolation operator;
+    with pixel ``weights`` ``W`` (a diagonal), ``BᵀWB`` and ``BᵀW r``.
 
     Row ``p`` of ``B`` holds pixel ``p``'s bilinear weights on the ``M = m²`` nodes (node
     ``(i, j)`` at index ``i m + j``, row-major, rows along the source's y); positions beyond
@@ -186,6 +187,10 @@ def bilinear_gram(grid_col, grid_row, residual, grid_size: int):
         ``r`` (e.g. ``I_obs − I_pred``), same dtype.
     grid_size : int
         ``m`` (static).
+    weights : ``(batch, P)``, optional
+        Per-pixel weights ``w ≥ 0`` (relative inverse noise variances, 0 for a masked pixel):
+        with them the likelihood's ``σ² I`` becomes ``σ² W⁻¹`` and everything below holds with
+        ``BᵀWB`` and ``BᵀW r`` (see :func:`marginal_log_likelihood_correction`).
 
     Returns
     -------
@@ -200,10 +205,10 @@ def bilinear_gram(grid_col, grid_row, residual, grid_size: int):
     ``unsorted_segment_sum`` is slow for these sizes (8 ms for 65 536 × 13 values onto 626
     cells, 0.4 ms with XLA).
     """
-    return _bilinear_gram_xla(grid_col, grid_row, residual, int(grid_size))
+    return _bilinear_gram_xla(grid_col, grid_row, residual, int(grid_size), weights)
 
 
-def _bilinear_gram(grid_col, grid_row, residual, grid_size: int):
+def _bilinear_gram(grid_col, grid_row, residual, grid_size: int, weights=None):
     m = int(grid_size)
     nc = m + 1
     dtype = grid_col.dtype
@@ -218,6 +223,10 @@ def _bilinear_gram(grid_col, grid_row, residual, grid_size: int):
     ly = tf.stack([1 - fy, fy], -1)
     batch, num_pix = tf.shape(grid_col)[0], tf.shape(grid_col)[1]
     moments = tf.reshape(wy[..., :, None] * wx[..., None, :], [batch, num_pix, 9])
+    if weights is not None:
+        weights = tf.cast(weights, dtype)
+        moments = moments * weights[..., None]
+        residual = residual * weights
     linear = tf.reshape(residual[..., None, None] * ly[..., :, None] * lx[..., None, :],
                         [batch, num_pix, 4])
     data = tf.concat([moments, linear], -1)  # (batch, P, 13)
@@ -265,6 +274,11 @@ def dense_gram(diagonal, lower) -> np.ndarray:
 
 def marginal_log_likelihood_correction(diagonal, lower, projected, sigma, sigma_residual):
     """Δ = log N(r | 0, σ² I + σ_δ² B Bᵀ) − log N(r | 0, σ² I), per system.
+
+    With per-pixel weights (noise ``σ² W⁻¹``), the same formula with ``BᵀWB`` and ``BᵀW r``
+    from :func:`bilinear_gram` (``weights=``) is Δ for ``σ² W⁻¹ + σ_δ² B Bᵀ`` against
+    ``σ² W⁻¹``: Woodbury's identity and the determinant lemma hold for any invertible noise
+    covariance; pixels with ``w = 0`` (masked) drop out of both densities.
 
     ``Δ = ½ σ_δ² b̃ᵀ A⁻¹ b̃ − ½ log det A`` with ``A = I + (σ_δ/σ)² BᵀB`` and
     ``b̃ = Bᵀ r / σ²`` (Woodbury identity and matrix determinant lemma; see the module).

@@ -25,7 +25,8 @@ def map_reconstruction_figure(rows: Sequence[Mapping], source_extent_arcsec=None
     ----------
     rows : sequence of mappings, each with keys
         ``observed`` (ny, nx), ``model`` (ny, nx) the fitted noiseless image, ``noise_sigma``
-        (float), ``true_source`` (sy, sx), ``fit_source`` (sy, sx) evaluated on the same
+        (float, or σ per pixel (ny, nx); NaN pixels of it or of ``observed`` (masked) are
+        drawn blank), ``true_source`` (sy, sx), ``fit_source`` (sy, sx) evaluated on the same
         source-plane grid, and ``label`` (str, e.g. ``"high S/N (σ=0.0333)"``).
     source_extent_arcsec : (xmin, xmax, ymin, ymax), optional
         Extent of the source-plane panels.
@@ -40,7 +41,7 @@ def map_reconstruction_figure(rows: Sequence[Mapping], source_extent_arcsec=None
     for r, row in enumerate(rows):
         obs, mod = np.asarray(row["observed"]), np.asarray(row["model"])
         tsrc, fsrc = np.asarray(row["true_source"]), np.asarray(row["fit_source"])
-        vmax = max(obs.max(), mod.max())
+        vmax = max(np.nanmax(obs), np.nanmax(mod))
         smax = max(tsrc.max(), fsrc.max())
         panels = (
             (obs, dict(vmin=0, vmax=vmax, cmap="viridis"), None),
