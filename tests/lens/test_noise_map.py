@@ -121,9 +121,11 @@ def test_coarse_search_bins_with_inverse_variance_weights(vae, data):
     with np.errstate(invalid="ignore", divide="ignore"):
         expected = (ivar * obs).sum(axis=(1, 3)) / total
         np.testing.assert_allclose(coarse.noise_map[0], 1.0 / np.sqrt(total), rtol=1e-6)
-    masked = total == 0  # columns 10–12 hold the whole coarse column 5
-    assert masked[:, 5].all() and masked.sum() == 32
-    np.testing.assert_allclose(coarse.observed_images[0][~masked], expected[~masked], rtol=1e-5)
+    masked = total == 0  # columns 10–12 cover coarse column 5
+    assert masked[:, 5].all() and masked.sum() == 32 + 4  # and the patch's 2 × 2 blocks
+    # float32 images: 1e-5 relative, 1e-7 absolute (1e-5 σ)
+    np.testing.assert_allclose(coarse.observed_images[0][~masked], expected[~masked], rtol=1e-5,
+                               atol=1e-7)
 
 
 def test_bad_noise_maps_are_refused(vae, data):
@@ -140,7 +142,8 @@ def test_bad_noise_maps_are_refused(vae, data):
 
 def test_masking_a_contaminated_patch_removes_its_bias(vae, data, tmp_path):
     # A bright compact blob (a neighbour, or a residual of the lens light) on one arc: the
-    # white fit must bend the lens to explain it; masking it (σ = inf there) recovers r_Ein.
+    # white fit must bend the lens to explain it; masking it (σ = inf there) recovers r_Ein
+    # (measured: 8.6 % off white, 0.6 % masked).
     # Both start from the truth's neighbourhood (the test is of the likelihood, not the search).
     rng = np.random.default_rng(3)
     y, x = np.mgrid[:64, :64]
