@@ -155,6 +155,14 @@ def register(subparsers) -> None:
                             "value or one per image, or 'auto' (from the median absolute "
                             "deviation of neighbouring pixels' differences, away from the "
                             "arcs)")
+        p.add_argument("--noise-map", nargs="+", default=None, metavar="FITS",
+                       help="with --image, instead of --noise-sigma: σ per pixel, one FITS "
+                            "map per image in its units; NaN, inf or <= 0 masks a pixel (the "
+                            "image may be NaN there)")
+        p.add_argument("--weight-map", nargs="+", default=None, metavar="FITS",
+                       help="with --image, instead of --noise-sigma: inverse variance per "
+                            "pixel (e.g. a drizzled image's WHT), one per image; 0 masks a "
+                            "pixel")
         p.add_argument("--pixel-scale", type=float, default=None, metavar="ARCSEC",
                        help="with --image: pixel side in arcsec (default: from the header's "
                             "celestial WCS, else its PIXSCALE card)")
@@ -260,31 +268,54 @@ def _load_images(args):
     """``--image``: the observed images, their noise and grid, in the model's units."""
     import numpy as np
 
-    from tfhybrid.data.preprocess import estimate_noise_sigma
-    from tfhybrid.lens.model import LensPosterior
-    from tfhybrid.lens.observations import flux_scale, read_lens_image, read_psf_image
-    from tfhybrid.physics.lensing import LensingConfig
-    from tfhybrid.priors.vae import load_default_vae, load_vae
+    from tfhybrid.lens.observations import flux_scale, read_lens_image
 
-    if args.noise_sigma is None or (args.psf_sigma is None and args.psf is None):
-        raise _error("--image needs --noise-sigma (a value, one per image, or auto) and "
-                     "--psf-sigma (arcsec; 0 for none) or --psf (a FITS image)")
+    maps = [m for m in (args.noise_map, args.weight_map) if m is not None]
+    if args.noise_sigma is None and not maps or (args.psf_sigma is None and args.psf is None):
+        raise _error("--image needs --noise-sigma (a value, one per image, or auto) or a "
+                     "--noise-map / --weight-map, and --psf-sigma (arcsec; 0 for none) or "
+                     "--psf (a FITS image)")
+    if len(maps) + (args.noise_sigma is not None) > 1:
+        raise _error("give one of --noise-sigma, --noise-map and --weight-map")
+    if maps and len(maps[0]) != len(args.image):
+        raise _error(f"{len(maps[0])} noise / weight maps for {len(args.image)} images; give "
+                     "one per image")
     if args.psf_sigma is not None and args.psf is not None:
         raise _error("give --psf-sigma or --psf, not both")
     if args.psf_sigma is not None and not (args.psf_sigma >= 0 and np.isfinite(args.psf_sigma)):
         raise _error(f"--psf-sigma must be >= 0 arcsec; got {args.psf_sigma}")
-    if len(args.noise_sigma) not in (1, len(args.image)):
+    if args.noise_sigma is not None and len(args.noise_sigma) not in (1, len(args.image)):
         raise _error(f"{len(args.noise_sigma)} --noise-sigma values for {len(args.image)} "
                      "images; give one, one per image, or auto")
-    images = [read_lens_image(p, args.pixel_scale) for p in args.image]
+    images = [read_lens_image(p, args.pixel_scale, allow_nan=bool(maps)) for p in args.image]
     grids = {(im.image.shape[0], round(im.pixel_scale_arcsec, 9)) for im in images}
     if len(grids) != 1:
         raise _error(f"the images have different sizes / pixel scales {sorted(grids)}; fit "
                      "them separately")
     n, scale = grids.pop()
     observed = np.stack([im.image for im in images]).astype(np.float64)
+    if maps:
+        sigma = _noise_maps(args, maps[0], observed, n)
+        observed = np.where(np.isfinite(sigma), observed, 0.0)
+    else:
+        sigma = _noise_values(args, observed)
+    scales = np.array([flux_scale(im) for im in observed])
+    print("images divided by their peak (3x3 median filtered; the model's units): "
+          + ", ".join(f"{v:.4g}" for v in scales))
+    observed = observed / scales[:, None, None]
+    sigma = sigma / scales.reshape((-1,) + (1,) * (sigma.ndim - 1))
+    reference = [np.median(x[np.isfinite(x)]) for x in sigma] if maps else sigma
+    return _lens_posterior(args, observed, sigma, n, scale, reference)
+
+
+def _noise_values(args, observed):
+    """``--noise-sigma``: σ per image ``(S,)``, given or estimated (auto)."""
+    import numpy as np
+
+    from tfhybrid.data.preprocess import estimate_noise_sigma
+
     sigma = []
-    for i, value in enumerate(args.noise_sigma * (len(images) // len(args.noise_sigma))):
+    for i, value in enumerate(args.noise_sigma * (len(observed) // len(args.noise_sigma))):
         if value.strip().lower() == "auto":
             sigma.append(float(estimate_noise_sigma(observed[i], mask_sources=True)))
             print(f"{args.image[i]}: noise σ estimated at {sigma[-1]:.4g}")
@@ -296,9 +327,37 @@ def _load_images(args):
     sigma = np.asarray(sigma)
     if not np.all(np.isfinite(sigma) & (sigma > 0)):
         raise _error(f"the noise σ must be finite and > 0; got {sigma.tolist()}")
-    scales = np.array([flux_scale(im) for im in observed])
-    print("images divided by their peak (3x3 median filtered; the model's units): "
-          + ", ".join(f"{v:.4g}" for v in scales))
+    return sigma
+
+
+def _noise_maps(args, paths, observed, n: int):
+    """``--noise-map`` / ``--weight-map``: σ per pixel ``(S, n, n)``, inf where masked; the
+    images' NaN pixels must be masked."""
+    import numpy as np
+
+    from tfhybrid.lens.observations import read_noise_map
+
+    kind = "rms" if args.noise_map is not None else "weight"
+    sigma = np.stack([read_noise_map(p, (n, n), kind) for p in paths])
+    masked = ~np.isfinite(sigma)
+    unmasked_nan = ~np.isfinite(observed) & ~masked
+    if unmasked_nan.any():
+        i = int(np.flatnonzero(unmasked_nan.any(axis=(1, 2)))[0])
+        raise _error(f"{args.image[i]}: {int(unmasked_nan[i].sum())} NaN or inf pixel(s) "
+                     f"that {paths[i]} does not mask")
+    for path, m in zip(args.image, masked, strict=True):
+        print(f"{path}: {int(m.sum())} pixel(s) masked by the noise map")
+    return sigma
+
+
+def _lens_posterior(args, observed, noise, n: int, scale: float, reference):
+    """``--image``'s posterior, truth (none) and labels, from images and noise in the model's
+    units; ``reference``: σ per image for the labels."""
+    from tfhybrid.lens.model import LensPosterior
+    from tfhybrid.lens.observations import read_psf_image
+    from tfhybrid.physics.lensing import LensingConfig
+    from tfhybrid.priors.vae import load_default_vae, load_vae
+
     psf_image = None
     if args.psf is not None:
         psf_image, oversampling = read_psf_image(args.psf, scale)
@@ -310,10 +369,9 @@ def _load_images(args):
     config = LensingConfig(n_pix=int(n), pixel_scale_arcsec=float(scale),
                            psf_sigma_arcsec=float(args.psf_sigma or 0.0) or None)
     vae = load_default_vae() if args.vae is None else load_vae(args.vae)
-    posterior = LensPosterior(observed / scales[:, None, None], sigma / scales, vae, config,
-                              psf_image=psf_image)
+    posterior = LensPosterior(observed, noise, vae, config, psf_image=psf_image)
     labels = [f"{Path(p).stem} (σ/peak={s:.3g})"
-              for p, s in zip(args.image, sigma / scales, strict=True)]
+              for p, s in zip(args.image, reference, strict=True)]
     return posterior, None, labels
 
 
@@ -324,7 +382,7 @@ def _load(args):
 
     if args.image is not None:
         return _load_images(args)
-    for flag in ("noise_sigma", "pixel_scale", "psf_sigma", "psf"):
+    for flag in ("noise_sigma", "noise_map", "weight_map", "pixel_scale", "psf_sigma", "psf"):
         if getattr(args, flag) is not None:
             raise _error(f"--{flag.replace('_', '-')} applies to --image only (a mock file "
                          "records its own)")

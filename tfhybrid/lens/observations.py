@@ -72,9 +72,10 @@ def _pixel_scale_from_header(header) -> float | None:
     return None
 
 
-def _read_image_hdu(path: Path, hdu, what: str):
+def _read_image_hdu(path: Path, hdu, what: str, allow_nan: bool = False):
     """``(data, header)`` of the chosen (or first 2-D image) HDU of a FITS file, checked to be
-    2-D; ``what`` names the file in messages ("image", "PSF")."""
+    2-D (and finite unless ``allow_nan``); ``what`` names the file in messages ("image",
+    "PSF")."""
     from astropy.io import fits
 
     if not path.is_file():
@@ -106,14 +107,15 @@ def _read_image_hdu(path: Path, hdu, what: str):
         raise TfhybridInputError(
             f"{path}: HDU {hdu!r} must be a 2-D image; got shape {np.shape(data)}")
     bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-    if bad:
+    if bad and not allow_nan:
         raise TfhybridInputError(
-            f"{path}: {bad} NaN or inf pixel(s); mask or inpaint them before fitting")
+            f"{path}: {bad} NaN or inf pixel(s); mask them (a noise map with σ = inf or a "
+            "weight map with 0 there) or inpaint them before fitting")
     return data, header
 
 
 def read_lens_image(path: str | os.PathLike, pixel_scale_arcsec=None,
-                    hdu: int | str | None = None) -> LensImage:
+                    hdu: int | str | None = None, allow_nan: bool = False) -> LensImage:
     """Read one observed lens image from a FITS file, checking it.
 
     Parameters
@@ -122,9 +124,11 @@ def read_lens_image(path: str | os.PathLike, pixel_scale_arcsec=None,
     pixel_scale_arcsec : float or ``astropy`` angle, optional
         Overrides the header's (WCS or ``PIXSCALE``); needed when the header has neither.
     hdu : index or name of the image HDU (default: the first HDU with 2-D data).
+    allow_nan : keep NaN pixels (for pixels a noise map masks; checked there) instead of
+        refusing the image.
     """
     path = Path(path)
-    data, header = _read_image_hdu(path, hdu, "image")
+    data, header = _read_image_hdu(path, hdu, "image", allow_nan=allow_nan)
     image = np.asarray(data, dtype=np.float32)
     ny, nx = image.shape
     if ny != nx:
@@ -190,6 +194,33 @@ def read_psf_image(path: str | os.PathLike, pixel_scale_arcsec: float,
     if factor > 1:
         kernel = bin_psf_image(kernel, factor)
     return kernel / kernel.sum(), factor
+
+
+def read_noise_map(path: str | os.PathLike, shape, kind: str = "rms",
+                   hdu: int | str | None = None) -> np.ndarray:
+    """Read a per-pixel noise map for an image of ``shape``: σ per pixel (float64), ``inf``
+    where a pixel is masked, for ``LensPosterior(noise=...)``.
+
+    ``kind="rms"``: the file holds σ in the image's units; NaN, inf and values ≤ 0 mark masked
+    pixels. ``kind="weight"``: it holds the inverse variance ``1 / σ²`` (a drizzled image's
+    ``WHT`` extension in inverse-variance mode); 0 (or NaN, inf, < 0) marks masked pixels.
+    """
+    if kind not in ("rms", "weight"):
+        raise TfhybridInputError(f"kind must be 'rms' or 'weight'; got {kind!r}")
+    path = Path(path)
+    data, _ = _read_image_hdu(path, hdu, "noise map", allow_nan=True)
+    values = np.asarray(data, dtype=np.float64)
+    if values.shape != tuple(shape):
+        raise TfhybridInputError(
+            f"{path}: the noise map is {values.shape[0]} × {values.shape[1]} pixels but its "
+            f"image is {shape[0]} × {shape[1]}")
+    usable = np.isfinite(values) & (values > 0)
+    if not usable.any():
+        raise TfhybridInputError(f"{path}: the noise map masks every pixel (no finite value "
+                                 "> 0)")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma = values if kind == "rms" else 1.0 / np.sqrt(values)
+    return np.where(usable, sigma, np.inf)
 
 
 def flux_scale(image: np.ndarray) -> float:
