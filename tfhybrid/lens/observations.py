@@ -159,9 +159,9 @@ def read_psf_image(path: str | os.PathLike, pixel_scale_arcsec: float,
     one it is taken to be the images'. A PSF sampled an integer ``k`` ≥ 2 times finer than the
     images (an oversampled model PSF) is binned to their pixels by
     :func:`tfhybrid.physics.psf.bin_psf_image` (exact for odd ``k``); any other ratio is an
-    error (resample it first). The sides must be
-    odd with the brightest pixel within one pixel of the central one (the model centres the
-    PSF on that pixel: an off-centre PSF shifts the lens).
+    error (resample it first). The sides must be odd with the brightest pixel within one pixel
+    of the central one (the model centres the PSF on that pixel: an off-centre PSF shifts the
+    lens).
     """
     from tfhybrid.physics.psf import bin_psf_image
 
