@@ -149,3 +149,36 @@ def test_selection_that_cannot_be_met_warns():
         mocks = make_mocks(1, seed=0, config=SMALL, sources=src, noise_levels=("medium",),
                            min_images=6)
     assert mocks.num_systems == 1
+
+
+def test_mocks_with_a_psf_image_keep_it_in_the_file_and_fit_with_it(tmp_path, capsys):
+    import galsim
+
+    from tfhybrid.cli.lens import _load
+    from tfhybrid.cli.main import build_parser, main
+
+    psf = galsim.Moffat(beta=2.5, fwhm=0.5).shear(g1=0.2).drawImage(
+        nx=11, ny=11, scale=SMALL.pixel_scale_arcsec, method="auto").array
+    sources = held_out_sources(1, seed=2)
+    mocks = make_mocks(1, seed=1, config=SMALL, sources=sources, noise_levels=("high",),
+                       psf_image=3.0 * psf)
+    np.testing.assert_allclose(mocks.psf_image, psf / psf.sum(), rtol=1e-6)  # float32 file
+    expected = simulate_lensed_image(sources, mocks.params, SMALL, psf_image=psf).numpy()
+    np.testing.assert_allclose(mocks.noiseless, expected, rtol=1e-6, atol=1e-7)
+    # the Gaussian of the configuration would be another image
+    assert np.abs(mocks.noiseless - simulate_lensed_image(sources, mocks.params, SMALL)
+                  .numpy()).max() > 0.01 * expected.max()
+    back = read_mock_fits(write_mock_fits(mocks, tmp_path)[0])
+    np.testing.assert_array_equal(back.psf_image, mocks.psf_image)
+    assert list(back.observed) == ["high"] and back.system(0).psf_image is back.psf_image
+    assert read_mock_fits(write_mock_fits(make_mocks(1, seed=1, config=SMALL, sources=sources,
+                                                     noise_levels=("high",)),
+                                          tmp_path / "gauss")[0]).psf_image is None
+    # fit --mock builds its posterior with the file's PSF; files of other PSFs are refused
+    args = build_parser().parse_args(["lens", "fit", "--mock", str(tmp_path / "mock_000.fits"),
+                                      "--out", "unused"])
+    posterior = _load(args)[0]
+    np.testing.assert_allclose(posterior.psf_kernel, mocks.psf_image, rtol=1e-12)
+    assert main(["lens", "fit", "--mock", str(tmp_path / "mock_000.fits"),
+                 str(tmp_path / "gauss" / "mock_000.fits"), "--out", str(tmp_path / "o")]) == 2
+    assert "different grids / PSFs" in capsys.readouterr().err

@@ -20,7 +20,8 @@ in the primary HDU, whose header records every true parameter (``R_EIN``, ``GAMM
 ``PHI``, ``TLENS1``, ``TLENS2``, ``GAMMA1``, ``GAMMA2``, ``TSRC1``, ``TSRC2``, ``S``, ``IOTA``)
 and the simulator configuration (and ``NIMAGES``, the image count of the source's light
 centroid, when it was counted); ``SOURCE`` (64 × 64); ``OBS_LOW``, ``OBS_MEDIUM``,
-``OBS_HIGH`` with ``NOISE`` and ``SNR`` cards.
+``OBS_HIGH`` with ``NOISE`` and ``SNR`` cards; ``PSF``, the PSF image, when the mocks were
+made with one instead of the configuration's Gaussian.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from tfhybrid.physics.lensing import (
     LensingConfig,
     add_noise,
     count_images,
+    shared_simulator,
     signal_to_noise,
     simulate_lensed_image,
     source_light_centroid,
@@ -106,6 +108,9 @@ class MockSystems:
     n_images : (S,) int images of each source's light centroid (:func:`mock_image_counts`),
         when :func:`make_mocks` counted them (``min_images`` > 1) or a mock file recorded
         them; :meth:`image_counts` counts them otherwise.
+    psf_image : (p, p) float64 with unit sum, the PSF the images were made with when it was
+        an image, not the configuration's Gaussian (None); pass it on to
+        ``LensPosterior(psf_image=...)``.
     """
 
     params: dict
@@ -116,6 +121,7 @@ class MockSystems:
     snr: dict
     config: LensingConfig = field(default_factory=LensingConfig)
     n_images: np.ndarray | None = None
+    psf_image: np.ndarray | None = None
 
     @property
     def num_systems(self) -> int:
@@ -128,7 +134,7 @@ class MockSystems:
             {k: v[sl] for k, v in self.params.items()}, self.sources[sl], self.noiseless[sl],
             {k: v[sl] for k, v in self.observed.items()}, dict(self.noise_sigma),
             {k: v[sl] for k, v in self.snr.items()}, self.config,
-            None if self.n_images is None else self.n_images[sl],
+            None if self.n_images is None else self.n_images[sl], self.psf_image,
         )
 
     def image_counts(self) -> np.ndarray:
@@ -202,6 +208,7 @@ def make_mocks(
     sources: np.ndarray | None = None,
     min_snr_high: float = 0.0,
     min_images: int = 0,
+    psf_image: np.ndarray | None = None,
 ) -> MockSystems:
     """Section 5.1 mocks: held-out sources, prior-drawn parameters, three noise levels.
 
@@ -221,8 +228,12 @@ def make_mocks(
         on its arcs would be (0 or 1: keep every draw). With the paper's priors 4 of the 10
         draws of the v6 study were singly imaged: the lens centre's prior (N(0, 0.5″) per
         axis) often puts the source outside the caustics.
+    psf_image : (p, p) PSF image at the grid's pixel scale (odd sides, centred), replacing the
+        configuration's Gaussian (e.g. from :func:`tfhybrid.lens.observations.read_psf_image`).
     """
     config = LensingConfig() if config is None else config
+    if psf_image is not None:  # validated and normalised as the simulator uses it
+        psf_image = shared_simulator(config, psf_image).psf_kernel
     if sources is None:
         sources = held_out_sources(n, seed)
     sources = np.asarray(sources, dtype=np.float32)
@@ -242,7 +253,7 @@ def make_mocks(
     prior_jd = parameter_prior(prior, tf.float32)
     draws = {k: v.numpy().astype(np.float64) for k, v in
              prior_jd.sample(n, seed=(int(seed), 101)).items()}
-    noiseless = simulate_lensed_image(sources, draws, config).numpy()
+    noiseless = simulate_lensed_image(sources, draws, config, psf_image).numpy()
     last = list(sigmas)[-1]
     max_redraws = 20 if min_snr_high > 0 or min_images > 1 else 0
     counts = mock_image_counts(draws, sources, config) if min_images > 1 else None
@@ -264,7 +275,7 @@ def make_mocks(
                   prior_jd.sample(n, seed=(int(seed), 1000 + attempt)).items()}
         for k in draws:
             draws[k] = np.where(bad, redraw[k], draws[k])
-        noiseless = simulate_lensed_image(sources, draws, config).numpy()
+        noiseless = simulate_lensed_image(sources, draws, config, psf_image).numpy()
         if counts is not None:  # only the redrawn systems' counts changed
             counts[bad] = mock_image_counts({k: v[bad] for k, v in draws.items()}, sources[bad],
                                             config)
@@ -275,7 +286,7 @@ def make_mocks(
         # S/N of the noisy observation, as the paper computes it (eqs. 24-25)
         snr[name] = np.atleast_1d(signal_to_noise(obs, sig, config.pixel_scale_arcsec)[0])
     return MockSystems(draws, sources, noiseless.astype(np.float32), observed, sigmas, snr,
-                       config, counts)
+                       config, counts, psf_image)
 
 
 def write_mock_fits(mocks: MockSystems, directory: str | os.PathLike,
@@ -299,6 +310,7 @@ def write_mock_fits(mocks: MockSystems, directory: str | os.PathLike,
         h["NPIX"] = (cfg.n_pix, "lens-plane pixels per side")
         h["PIXSCALE"] = (cfg.pixel_scale_arcsec, "[arcsec] pixel side")
         h["PSFSIG"] = (cfg.psf_sigma_arcsec or 0.0, "[arcsec] Gaussian PSF sigma (0: none)")
+        h["PSFIMAGE"] = (mocks.psf_image is not None, "the PSF is the PSF extension's image")
         h["DEFLECT"] = (cfg.deflection, "SPLE deflection: table or epl")
         h["BUNIT"] = ("surface brightness", "units of iota * d (eq. 17)")
         if mocks.n_images is not None:
@@ -310,6 +322,8 @@ def write_mock_fits(mocks: MockSystems, directory: str | os.PathLike,
             hdu.header["SNR"] = (float(mocks.snr[level][i]), "S/N of eqs. 24-25")
             hdu.header["LEVEL"] = (level, "noise level name")
             hdus.append(hdu)
+        if mocks.psf_image is not None:
+            hdus.append(fits.ImageHDU(mocks.psf_image, name="PSF"))
         with atomic_path(path) as tmp:
             fits.HDUList(hdus).writeto(tmp, overwrite=True)
     return paths
@@ -338,8 +352,13 @@ def read_mock_fits(path: str | os.PathLike) -> MockSystems:
             n_images = np.array([int(h["NIMAGES"])]) if "NIMAGES" in h else None
             noiseless = np.asarray(hdul[0].data, dtype=np.float32)[None]
             source = np.asarray(hdul["SOURCE"].data, dtype=np.float32)[None]
+            psf_image = None
+            if h.get("PSFIMAGE", False):
+                psf_image = np.asarray(hdul["PSF"].data, dtype=np.float64)
             observed, sigmas, snr = {}, {}, {}
             for hdu in hdul[2:]:
+                if "LEVEL" not in hdu.header:  # the PSF
+                    continue
                 level = str(hdu.header["LEVEL"])
                 observed[level] = np.asarray(hdu.data, dtype=np.float32)[None]
                 sigmas[level] = float(hdu.header["NOISE"])
@@ -348,4 +367,5 @@ def read_mock_fits(path: str | os.PathLike) -> MockSystems:
         raise
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise TfhybridInputError(f"cannot read mock file {path}: {err}") from err
-    return MockSystems(params, source, noiseless, observed, sigmas, snr, config, n_images)
+    return MockSystems(params, source, noiseless, observed, sigmas, snr, config, n_images,
+                       psf_image)

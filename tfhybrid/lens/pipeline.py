@@ -364,7 +364,8 @@ def run_demo(out_dir, seed: int = 0, map_steps: int = DEFAULT_MAP_STEPS, num_res
     vae = load_default_vae()
     mocks = make_mocks(1, seed=seed, noise_levels=("high",), min_snr_high=300.0)
     write_mock_fits(mocks, out, overwrite=True)
-    posterior = LensPosterior(mocks.observed["high"], mocks.noise_sigma["high"], vae)
+    posterior = LensPosterior(mocks.observed["high"], mocks.noise_sigma["high"], vae,
+                              psf_image=mocks.psf_image)
     residual = (SourceResidualConfig(int(source_residual), DEFAULT_RESIDUAL_PIXEL_FACTOR)
                 if source_residual else None)
     fit = fit_map(posterior, num_starts=num_starts, num_steps=map_steps, seed=seed,
