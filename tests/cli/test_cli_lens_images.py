@@ -73,6 +73,21 @@ def test_fit_and_sample_observed_images(observed, tmp_path, capsys):
     # χ²/pixel (over the unmasked pixels) near 1: σ and the image were scaled alike
     assert 0.8 < summary["chi2_per_pixel"][0] < 1.5
     assert (fit_dir / "fig_map.png").is_file()
+    # the model and residual in the image's units and WCS
+    assert "MAP model and residual / σ per image: lens_masked_map.fits" in out
+    with fits.open(fit_dir / "lens_masked_map.fits") as hdul:
+        model, resid, header = hdul[0].data, hdul["RESIDUAL"].data, hdul[0].header
+        assert header["CDELT2"] == pytest.approx(0.16 / 3600) and header["CUNIT2"] == "deg"
+        assert header["FLUXSCAL"] == pytest.approx(peak, rel=1e-3)
+        assert header["R_EIN"] == pytest.approx(data["params"]["r_ein"][0], rel=1e-6)
+        assert hdul["RESIDUAL"].header["CDELT1"] == pytest.approx(-0.16 / 3600)
+    # in the input's units: (image − model) / its σ map is the residual
+    pixels = fits.getdata(observed["masked"]).astype(np.float64)
+    sigma = fits.getdata(observed["rms"]).astype(np.float64)
+    np.testing.assert_allclose(resid[:, 23:], ((pixels - model) / sigma)[:, 23:], rtol=1e-4,
+                               atol=1e-4)
+    assert np.isnan(resid[:, 20:23]).all() and np.isfinite(resid[:, 23:]).all()
+    assert 0.8 < np.nanstd(resid) < 1.3
     rows = summary["table"]
     assert {r["parameter"] for r in rows} >= {"r_ein", "gamma", "q"}
     assert all("true" not in r and "lo68_robust" in r for r in rows)  # no truth, robust widths

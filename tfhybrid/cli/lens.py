@@ -317,7 +317,8 @@ def _load_images(args):
     observed = observed / scales[:, None, None]
     sigma = sigma / scales.reshape((-1,) + (1,) * (sigma.ndim - 1))
     reference = [np.median(x[np.isfinite(x)]) for x in sigma] if maps else sigma
-    return _lens_posterior(args, observed, sigma, n, scale, reference)
+    posterior, labels = _lens_posterior(args, observed, sigma, n, scale, reference)
+    return posterior, None, labels, (images, scales)
 
 
 def _noise_values(args, observed):
@@ -363,8 +364,8 @@ def _noise_maps(args, paths, observed, n: int):
 
 
 def _lens_posterior(args, observed, noise, n: int, scale: float, reference):
-    """``--image``'s posterior, truth (none) and labels, from images and noise in the model's
-    units; ``reference``: σ per image for the labels."""
+    """``--image``'s posterior and labels, from images and noise in the model's units;
+    ``reference``: σ per image for the labels."""
     from tfhybrid.lens.model import LensPosterior
     from tfhybrid.lens.observations import read_psf_image
     from tfhybrid.physics.lensing import LensingConfig
@@ -384,10 +385,12 @@ def _lens_posterior(args, observed, noise, n: int, scale: float, reference):
     posterior = LensPosterior(observed, noise, vae, config, psf_image=psf_image)
     labels = [f"{Path(p).stem} (σ/peak={s:.3g})"
               for p, s in zip(args.image, reference, strict=True)]
-    return posterior, None, labels
+    return posterior, labels
 
 
 def _load(args):
+    """``(posterior, mocks or None, labels, (images, flux scales) or None)`` from
+    ``--mock`` or ``--image``."""
     import numpy as np
 
     from tfhybrid.lens.mocks import read_mock_fits
@@ -429,7 +432,7 @@ def _load(args):
         )
     labels = [f"{Path(p).stem} ({args.level}, S/N={m.snr[args.level][0]:.0f})"
               for p, m in zip(args.mock, mocks, strict=True)]
-    return posterior, merged, labels
+    return posterior, merged, labels, None
 
 
 def run_fit(args) -> int:
@@ -455,7 +458,7 @@ def run_fit(args) -> int:
         raise _error(f"--coarse-keep ({args.coarse_keep}) must be >= --starts ({args.starts}) "
                      "with --coarse-prune-after")
     options = map_pipeline_options(args)  # checks --source-residual before loading anything
-    posterior, mocks, labels = _load(args)
+    posterior, mocks, labels, observations = _load(args)
     if args.robust_block > posterior.config.n_pix:  # before the fit, not after it
         raise _error(f"--robust-block ({args.robust_block}) must not exceed the image's side "
                      f"({posterior.config.n_pix} pixels)")
@@ -471,6 +474,11 @@ def run_fit(args) -> int:
 
         robust = sandwich_intervals(posterior, fit.state(), block_size=args.robust_block)
     summary = write_fit_outputs(args.out, posterior, fit, mocks, labels=labels, robust=robust)
+    if observations is not None:  # the model and residual in each image's units and WCS
+        from tfhybrid.lens.pipeline import write_observed_model_fits
+
+        written = write_observed_model_fits(args.out, posterior, fit, *observations)
+        print("MAP model and residual / σ per image: " + ", ".join(p.name for p in written))
     shutil.rmtree(checkpoint, ignore_errors=True)  # the outputs hold the result now
     chi2 = ", ".join(f"{c:.3f}" for c in summary["chi2_per_pixel"])
     print(f"MAP of {len(labels)} system(s) in {fit.wall_time_s:.1f} s; chi2/pixel {chi2}; "
@@ -502,7 +510,7 @@ def run_sample(args) -> int:
             raise _error(f"{flag} must be finite and > 0; got {value}")
     if args.robust_block < 0:
         raise _error(f"--robust-block must be >= 0 (pixels; 0: none); got {args.robust_block}")
-    posterior, mocks, labels = _load(args)
+    posterior, mocks, labels, _ = _load(args)
     data = load_map_json(args.map)
     if data["z"].shape[0] != posterior.num_systems:
         raise _error(f"{args.map} holds {data['z'].shape[0]} systems but "

@@ -289,6 +289,13 @@ def make_mocks(
                        config, counts, psf_image)
 
 
+def parameter_cards(params, i: int) -> list[tuple]:
+    """FITS header cards ``(key, value, comment)`` of system ``i``'s 12 parameters
+    (:data:`FITS_KEYS`; arcsec and radians)."""
+    return [(FITS_KEYS[name], float(params[name][i]), _FITS_COMMENTS[name])
+            for name in PARAM_NAMES]
+
+
 def write_mock_fits(mocks: MockSystems, directory: str | os.PathLike,
                     overwrite: bool = False) -> list[Path]:
     """One FITS file per system, ``mock_000.fits``, … (layout in the module docstring)."""
@@ -305,8 +312,7 @@ def write_mock_fits(mocks: MockSystems, directory: str | os.PathLike,
         primary = fits.PrimaryHDU(mocks.noiseless[i])
         h = primary.header
         h["FORMAT"] = (_FORMAT, "tfhybrid mock lens system")
-        for name in PARAM_NAMES:
-            h[FITS_KEYS[name]] = (float(mocks.params[name][i]), _FITS_COMMENTS[name])
+        h.extend(parameter_cards(mocks.params, i))
         h["NPIX"] = (cfg.n_pix, "lens-plane pixels per side")
         h["PIXSCALE"] = (cfg.pixel_scale_arcsec, "[arcsec] pixel side")
         h["PSFSIG"] = (cfg.psf_sigma_arcsec or 0.0, "[arcsec] Gaussian PSF sigma (0: none)")

@@ -8,6 +8,8 @@ system, log posterior, optimiser message, wall time), ``map_model.fits`` (model 
 MAP sources), ``fig_map.png`` (Fig. 6/7 layout), ``fig_loss.png``, and ``map_hessian.npy`` (the
 Hessian at the MAP, when the fit has one; ``map.json`` records its SHA-256, and
 :func:`load_map_hessian` gives it to the sampler, which then need not evaluate it again).
+For fits of observed images, :func:`write_observed_model_fits` adds ``<image>_map.fits``: the
+MAP model in the image's own units and WCS, and the normalised residual.
 Outputs of :func:`write_sample_outputs`: ``samples.npz`` (draws of every parameter),
 ``posterior.nc`` (ArviZ InferenceData), ``fig_posterior.png`` (Fig. 8/9 layout),
 ``table.txt`` (true / MAP / mean ± std / per cent error) and ``summary.json``; with
@@ -160,6 +162,59 @@ def load_map_hessian(map_json, data: dict) -> np.ndarray | None:
     if hessian.dtype != np.float64 or _hessian_digest(hessian) != digest:
         return None
     return hessian
+
+
+def write_observed_model_fits(out_dir, posterior: LensPosterior, fit: LensMap, images,
+                              scales) -> list[Path]:
+    """For fits of observed images: ``OUT/<image stem>_map.fits`` per image, in the image's
+    own units and WCS, to compare with it pixel by pixel (e.g. in DS9).
+
+    Primary HDU: the MAP model image times the image's flux scale (``FLUXSCAL``), with the
+    input's celestial WCS (or its ``PIXSCALE``), ``BUNIT`` and the MAP parameters
+    (``R_EIN``, ``GAMMA``, … as in the mock files); ``RESIDUAL``: (observed − model) / σ per
+    pixel, NaN where the noise map masks the pixel.
+
+    ``images``: the :class:`tfhybrid.lens.observations.LensImage` of each system;
+    ``scales``: the divisor each was brought to the model's units with.
+    """
+    import warnings
+
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    from tfhybrid.lens.mocks import parameter_cards
+
+    state = fit.state()
+    model = posterior.predict(dict(zip(PARAM_NAMES, state[:-1], strict=True)),
+                              state[-1]).numpy().astype(np.float64)
+    noise = posterior.noise_map
+    with np.errstate(invalid="ignore"):
+        residual = np.where(np.isfinite(noise),
+                            (posterior.observed_images - model) / noise, np.nan)
+    paths = []
+    for i, (image, scale) in enumerate(zip(images, scales, strict=True)):
+        primary = fits.PrimaryHDU((model[i] * scale).astype(np.float32))
+        h = primary.header
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FITSFixedWarning about dates or RADESYS
+            wcs = WCS(image.header)
+        if wcs.has_celestial:
+            h.update(wcs.celestial.to_header())
+        h["PIXSCALE"] = (image.pixel_scale_arcsec, "[arcsec] pixel side")
+        if "BUNIT" in image.header:
+            h["BUNIT"] = image.header["BUNIT"]
+        h["FLUXSCAL"] = (float(scale), "model units -> these: the input's divisor")
+        h["IMAGE"] = (Path(image.path).name, "the fitted image")
+        h.extend(parameter_cards(fit.params, i))
+        h["COMMENT"] = "MAP model of the lensed source (tfhybrid lens fit)"
+        resid = fits.ImageHDU(residual[i].astype(np.float32), header=wcs.celestial.to_header()
+                              if wcs.has_celestial else None, name="RESIDUAL")
+        resid.header["COMMENT"] = "(observed - model) / sigma; NaN where masked"
+        path = Path(out_dir) / f"{Path(image.path).stem}_map.fits"
+        with atomic_path(path) as tmp:
+            fits.HDUList([primary, resid]).writeto(tmp, overwrite=True)
+        paths.append(path)
+    return paths
 
 
 def write_fit_outputs(out_dir, posterior: LensPosterior, fit: LensMap,
