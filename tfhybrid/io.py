@@ -111,6 +111,21 @@ def load_arrays_npz(path: str | os.PathLike) -> dict:
         ) from err
 
 
+def array_digest(*arrays) -> str:
+    """SHA-1 of the arrays' bytes (C order, their own dtypes) and shapes: what a resumable
+    job's ``config.json`` records of its inputs (:func:`check_or_write_config`)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha1()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(repr((a.dtype.str, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def check_or_write_config(directory: str | os.PathLike, config: dict,
                           name: str = "checkpoint_dir") -> None:
     """The settings a resumable job's directory was made with: ``directory/config.json``.

@@ -29,7 +29,6 @@ convention, chain axis 1 — in constrained space.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfhybrid.inference.state import as_state_parts
-from tfhybrid.io import check_or_write_config, save_arrays_npz
+from tfhybrid.io import array_digest, check_or_write_config, save_arrays_npz
 from tfhybrid.validation import TfhybridInputError
 
 tfb = tfp.bijectors
@@ -261,7 +260,7 @@ def sample_posterior(
             shapes=[list(u.shape) for u in unconstrained], dtype=dtype.name,
             step_size=np.asarray(init_step).tolist(), num_leapfrog_steps=int(num_leapfrog_steps),
             max_tree_depth=int(max_tree_depth), target_accept_prob=float(accept),
-            initial_state_sha1=_fingerprint(unconstrained),
+            initial_state_sha1=array_digest(*[_to_numpy(u) for u in unconstrained]),
         )
         clash = sorted(set(checkpoint_config or {}) & set(config))
         if clash:
@@ -533,13 +532,6 @@ def _diagnostics(samples, trace) -> dict:
         min_ess=float(min(np.min(e) for e in ess)),
         max_r_hat=float(max(np.max(r) for r in rhat)),
     )
-
-
-def _fingerprint(parts) -> str:
-    h = hashlib.sha1()
-    for p in parts:
-        h.update(np.ascontiguousarray(_to_numpy(p)).tobytes())
-    return h.hexdigest()
 
 
 def _write_chunk(ckpt: Path, index: int, draws, trace, state, flat_kr, seconds: float) -> None:

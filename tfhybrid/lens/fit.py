@@ -21,6 +21,7 @@ import tensorflow_probability as tfp
 
 from tfhybrid.inference.map import MapResult, find_map
 from tfhybrid.inference.mcmc import PosteriorResult, sample_posterior
+from tfhybrid.io import array_digest
 from tfhybrid.lens.defaults import (
     DEFAULT_COARSE_STARTS,
     DEFAULT_COARSE_STEPS,
@@ -39,7 +40,6 @@ from tfhybrid.lens.defaults import (
 )
 from tfhybrid.lens.map_checkpoint import (
     MapCheckpoint,
-    array_digest,
     map_result_arrays,
     map_result_from_arrays,
     posterior_fingerprint,

@@ -15,29 +15,18 @@ result is the fit's, which the caller writes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from tfhybrid.inference.map import MapResult
-from tfhybrid.io import check_or_write_config, load_arrays_npz, save_arrays_npz
+from tfhybrid.io import array_digest, check_or_write_config, load_arrays_npz, save_arrays_npz
 from tfhybrid.validation import TfhybridInputError
 
 FORMAT = "tfhybrid.lens.fit_map.checkpoint/1"
 
 #: the stages written, in order (file ``<stage>.npz``)
 STAGES = ("global_search", "adam", "polish")
-
-
-def array_digest(*arrays) -> str:
-    """SHA-1 of the arrays' bytes (C order, their own dtypes) and shapes."""
-    h = hashlib.sha1()
-    for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(repr((a.dtype.str, a.shape)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def posterior_fingerprint(posterior) -> dict:
