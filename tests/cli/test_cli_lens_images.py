@@ -97,7 +97,10 @@ def test_fit_and_sample_observed_images(observed, tmp_path, capsys):
     assert main(["lens", "sample", "--image", image, "--noise-sigma", "auto", "--psf",
                  str(observed["psf"]), "--map", str(fit_dir / "map.json"), "--num-results", "4",
                  "--num-burnin", "0", "--robust-block", "0", "--out", str(sample_dir),
-                 "--no-progress"]) == 0
+                 "--pilot-draws", "6", "--no-progress"]) == 0
+    # the pilot chain that re-whitened the sampler kept its own chunks
+    assert sorted(p.name for p in (sample_dir / "chunks" / "pilot").iterdir())[0] == \
+        "chunk_00000.npz"
     out = capsys.readouterr().out
     # σ estimated from the image (clipped MAD of pixel differences)
     estimated = float(out.split("noise σ estimated at ")[1].split()[0])

@@ -210,6 +210,11 @@ def register(subparsers) -> None:
             p.add_argument("--whitening-floor", type=float, default=DEFAULT_WHITENING_FLOOR,
                            help="with --whitening-step: the smallest curvature taken "
                                 "(Laplace-whitened units; width <= 1/sqrt of it)")
+            p.add_argument("--pilot-draws", type=int, default=0, metavar="N",
+                           help="first run a pilot chain of N draws and re-whiten by their "
+                                "covariance (the posterior is wider than its curvature at the "
+                                "MAP along some directions): on the demo system 150 raised "
+                                "the ESS of r_Ein and q ~4x for ~45%% more time (0: none)")
             p.add_argument("--robust-block", type=int, default=DEFAULT_ROBUST_BLOCK,
                            metavar="B",
                            help="also write the draws with the model-robust (sandwich) "
@@ -504,6 +509,8 @@ def run_sample(args) -> int:
 
     _positive("--num-results", args.num_results)
     _positive("--chains", args.chains)
+    if args.pilot_draws < 0:
+        raise _error(f"--pilot-draws must be >= 0; got {args.pilot_draws}")
     for flag, value in (("--whitening-step", args.whitening_step),
                         ("--whitening-floor", args.whitening_floor)):
         if value is not None and not (value > 0 and value < float("inf")):
@@ -529,6 +536,7 @@ def run_sample(args) -> int:
         checkpoint_dir=Path(args.out) / "chunks", progress=not args.no_progress,
         hessian=load_map_hessian(args.map, data),  # None: evaluated at the MAP
         whitening_step=args.whitening_step, whitening_floor=args.whitening_floor,
+        pilot_draws=args.pilot_draws,
     )
     from tfhybrid.lens.fit import LensMap
 

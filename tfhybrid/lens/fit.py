@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -1453,6 +1454,7 @@ def sample_lens_posterior(
     hessian: np.ndarray | None = None,
     whitening_step: float | None = None,
     whitening_floor: float = DEFAULT_WHITENING_FLOOR,
+    pilot_draws: int = 0,
 ) -> LensSamples:
     """HMC (or NUTS) draws of all parameters and ``z`` of every system, from ``start``.
 
@@ -1477,7 +1479,22 @@ def sample_lens_posterior(
     draw of 10 leapfrog steps took 0.10 s instead of 0.21 s, for ~4 s more compilation in the
     first chunk (20 s instead of 16 s of tracing); on the tests' 64² problem the two cost the
     same.
+
+    ``pilot_draws`` > 0 (with ``precondition``) first runs a pilot chain of ``num_burnin`` +
+    ``pilot_draws`` steps (seed + 1) in the Laplace-whitened coordinates and re-whitens by the
+    covariance of its draws, shrunk towards the Laplace one by :data:`PILOT_SHRINKAGE` draws'
+    worth (``(n C + k I) / (n + k)`` in whitened units): the posterior is wider than its
+    curvature at the MAP along some directions, which the pilot sees. Measured on the demo
+    system (2-core CPU, 24² residual, 50 + 500 draws): ESS of r_Ein 11 → 46, γ 30 → 79, q 10 →
+    42, φ 232 → 179, for a pilot of 150 draws costing 40 s next to the run's 67–88 s. With
+    ``checkpoint_dir`` the pilot's chunks are kept in ``checkpoint_dir/pilot``.
     """
+    if isinstance(pilot_draws, bool) or not isinstance(pilot_draws, int | np.integer) or (
+            pilot_draws < 0):
+        raise TfhybridInputError(f"pilot_draws must be an int >= 0; got {pilot_draws!r}")
+    if pilot_draws and not precondition:
+        raise TfhybridInputError("pilot_draws re-whitens the Laplace whitening: it needs "
+                                 "precondition=True")
     # both checked here, before any Hessian is read or evaluated
     if whitening_step is not None and not (np.isfinite(whitening_step) and whitening_step > 0):
         raise TfhybridInputError(
@@ -1513,12 +1530,17 @@ def sample_lens_posterior(
     else:
         amat = tf.eye(int(flat.shape[1]), batch_shape=[int(flat.shape[0])])
 
-    def to_unconstrained(w):
-        return flat + tf.einsum("sij,...sj->...si", amat, w)
+    def whitened(amat):
+        """``(to_unconstrained, target)`` for ``u = flat + A w`` (fresh functions per ``A``:
+        the sampler's compiled programs are cached by the target function)."""
+        def to_unconstrained(w):
+            return flat + tf.einsum("sij,...sj->...si", amat, w)
 
-    def target(w):
-        parts, log_det = _unflatten(posterior, bijs, u, sizes, to_unconstrained(w))
-        return posterior.target_log_prob(*parts) + log_det
+        def target(w):
+            parts, log_det = _unflatten(posterior, bijs, u, sizes, to_unconstrained(w))
+            return posterior.target_log_prob(*parts) + log_det
+
+        return to_unconstrained, target
 
     # In whitened coordinates the posterior is close to N(0, I): a step of 0.15 (HMC's optimum
     # scales as d^(-1/4) = 0.34 for d = 76) suits most systems, and adapting the mass matrix
@@ -1535,23 +1557,53 @@ def sample_lens_posterior(
             step0 = np.full((n_sys, 1), float(step0), np.float32)
     else:
         step0 = step_size
-    res = sample_posterior(
-        target, tf.zeros_like(flat), num_results=num_results, num_burnin=num_burnin,
-        kernel=kernel, num_chains=num_chains, seed=seed, checkpoint_dir=checkpoint_dir,
-        progress=progress, num_leapfrog_steps=num_leapfrog_steps, jit_compile=jit_compile,
-        names=["w"], adapt=("step_size" if adapt_step else False) if precondition else True,
-        step_size=step0,
-        # the sampler's state is the whitened offset from the MAP: the chunks depend on the
-        # data, the model, the MAP and the whitening, none of which its start shows
-        checkpoint_config=None if checkpoint_dir is None else dict(
-            posterior_fingerprint(posterior), map_sha1=array_digest(flat.numpy()),
-            whitening_sha1=array_digest(amat.numpy())),
-    )
+
+    def run(amat, num_draws, run_seed, directory):
+        to_unconstrained, target = whitened(amat)
+        res = sample_posterior(
+            target, tf.zeros_like(flat), num_results=num_draws, num_burnin=num_burnin,
+            kernel=kernel, num_chains=num_chains, seed=run_seed, checkpoint_dir=directory,
+            progress=progress, num_leapfrog_steps=num_leapfrog_steps, jit_compile=jit_compile,
+            names=["w"], adapt=("step_size" if adapt_step else False) if precondition else True,
+            step_size=step0,
+            # the sampler's state is the whitened offset from the MAP: the chunks depend on the
+            # data, the model, the MAP and the whitening, none of which its start shows
+            checkpoint_config=None if directory is None else dict(
+                posterior_fingerprint(posterior), map_sha1=array_digest(flat.numpy()),
+                whitening_sha1=array_digest(amat.numpy())),
+        )
+        return res, to_unconstrained
+
+    if pilot_draws:
+        pilot, _ = run(amat, int(pilot_draws), int(seed) + 1,
+                       None if checkpoint_dir is None else Path(checkpoint_dir) / "pilot")
+        amat = tf.constant(pilot_whitening(amat.numpy(), pilot.samples[0]), tf.float32)
+    res, to_unconstrained = run(amat, num_results, seed, checkpoint_dir)
     draws = tf.constant(res.samples[0], tf.float32)  # (R, C, S, D)
     parts, _ = _unflatten(posterior, bijs, u, sizes, to_unconstrained(draws))
     params = {name: np.asarray(p, dtype=np.float64)
               for name, p in zip(PARAM_NAMES, parts[:-1], strict=True)}
     return LensSamples(params, np.asarray(parts[-1]), res)
+
+
+#: how many draws' worth the pilot's covariance is shrunk towards the Laplace whitening
+PILOT_SHRINKAGE = 10.0
+
+
+def pilot_whitening(amat: np.ndarray, draws: np.ndarray,
+                    shrinkage: float = PILOT_SHRINKAGE) -> np.ndarray:
+    """Whitening matrices ``A L`` ``(S, D, D)`` from a pilot chain run with ``A``: ``L`` the
+    Cholesky factor of the draws' covariance in whitened units ``C`` (``draws`` ``(R, C, S,
+    D)``, all chains), shrunk as ``(n C + k I) / (n + k)`` with ``n`` the number of draws and
+    ``k`` = ``shrinkage``; used by :func:`sample_lens_posterior` (``pilot_draws``)."""
+    draws = np.asarray(draws, np.float64)
+    flat = draws.reshape((-1,) + draws.shape[2:])  # (n, S, D)
+    n, d = flat.shape[0], flat.shape[-1]
+    centred = flat - flat.mean(axis=0)
+    cov = np.einsum("nsi,nsj->sij", centred, centred) / max(n - 1, 1)
+    blended = (n * cov + shrinkage * np.eye(d)) / (n + shrinkage)
+    return np.einsum("sij,sjk->sik", np.asarray(amat, np.float64),
+                     np.linalg.cholesky(blended))
 
 
 def parameter_table(truth: dict | None, fit: LensMap, samples: LensSamples | None = None,
