@@ -213,8 +213,9 @@ def register(subparsers) -> None:
             p.add_argument("--pilot-draws", type=int, default=0, metavar="N",
                            help="first run a pilot chain of N draws and re-whiten by their "
                                 "covariance (the posterior is wider than its curvature at the "
-                                "MAP along some directions): on the demo system 150 raised "
-                                "the ESS of r_Ein and q ~4x for ~45%% more time (0: none)")
+                                "MAP along some directions); 150 raised the ESS of r_Ein and "
+                                "q ~2-4x on two test systems and cut it ~10x on a third: "
+                                "compare (0: none)")
             p.add_argument("--robust-block", type=int, default=DEFAULT_ROBUST_BLOCK,
                            metavar="B",
                            help="also write the draws with the model-robust (sandwich) "

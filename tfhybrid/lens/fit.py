@@ -1486,7 +1486,9 @@ def sample_lens_posterior(
     worth (``(n C + k I) / (n + k)`` in whitened units): the posterior is wider than its
     curvature at the MAP along some directions, which the pilot sees. Measured on the demo
     system (2-core CPU, 24² residual, 50 + 500 draws): ESS of r_Ein 11 → 46, γ 30 → 79, q 10 →
-    42, φ 232 → 179, for a pilot of 150 draws costing 40 s next to the run's 67–88 s. With
+    42, φ 232 → 179, for a pilot of 150 draws costing 40 s next to the run's 67–88 s; on a
+    second system r_Ein 26 → 49 and q 26 → 47, but on a third r_Ein 178 → 17 and q 133 → 17
+    (the pilot sees only part of a sticky posterior): off by default. With
     ``checkpoint_dir`` the pilot's chunks are kept in ``checkpoint_dir/pilot``.
     """
     if isinstance(pilot_draws, bool) or not isinstance(pilot_draws, int | np.integer) or (
