@@ -160,3 +160,37 @@ def test_masking_a_contaminated_patch_removes_its_bias(vae, data, tmp_path):
                       num_steps=800, newton_iter=3, progress=False)
         errors[name] = abs(fit.params["r_ein"][0] / TRUTH["r_ein"] - 1)
     assert errors["masked"] < 0.01 and errors["white"] > 3 * errors["masked"], errors
+
+
+def test_observed_model_files_are_in_each_images_units_and_never_overwrite_each_other(
+        vae, data, tmp_path):
+    from astropy.io import fits
+
+    from tfhybrid.lens.fit import LensMap
+    from tfhybrid.lens.observations import LensImage
+    from tfhybrid.lens.pipeline import write_observed_model_fits
+
+    noise = np.stack([data["sigma_map"], np.full((64, 64), SIGMA)])
+    post = LensPosterior(np.stack([data["observed"], data["noiseless"]]), noise, vae, CONFIG)
+    params = {k: np.full(2, v) for k, v in TRUTH.items()}
+    fit = LensMap(params, np.repeat(Z_TRUE, 2, axis=0), np.zeros(2), np.zeros(2, int), None, 1.0)
+    header = fits.Header(dict(CTYPE1="RA---TAN", CTYPE2="DEC--TAN", CDELT1=-0.16 / 3600,
+                              CDELT2=0.16 / 3600, CRPIX1=32.5, CRPIX2=32.5, CUNIT1="deg",
+                              CUNIT2="deg", BUNIT="electron/s"))
+    images = [LensImage(np.zeros((64, 64), np.float32), 0.16, tmp_path / d / "lens.fits",
+                        header) for d in ("a", "b")]
+    paths = write_observed_model_fits(tmp_path, post, fit, images, [2.0, 3.0])
+    assert [p.name for p in paths] == ["000_lens_map.fits", "001_lens_map.fits"]
+    model = post.predict({k: tf.constant(v, tf.float32) for k, v in params.items()},
+                         tf.constant(np.repeat(Z_TRUE, 2, axis=0))).numpy()
+    for i, (path, scale) in enumerate(zip(paths, [2.0, 3.0], strict=True)):
+        with fits.open(path) as hdul:
+            np.testing.assert_allclose(hdul[0].data, scale * model[i], rtol=1e-6, atol=1e-9)
+            assert hdul[0].header["BUNIT"] == "electron/s"
+            assert hdul[0].header["CTYPE1"] == "RA---TAN"
+            assert hdul[0].header["R_EIN"] == pytest.approx(TRUTH["r_ein"])
+            resid = hdul["RESIDUAL"].data
+        masked = ~np.isfinite(noise[i])
+        assert np.isnan(resid[masked]).all() and np.isfinite(resid[~masked]).all()
+    # the second system is noiseless at the truth: its residual is zero
+    np.testing.assert_allclose(fits.getdata(paths[1], "RESIDUAL"), 0.0, atol=1e-3)

@@ -48,7 +48,7 @@ from tfhybrid.lens.fit import (
     sample_lens_posterior,
     with_derived,
 )
-from tfhybrid.lens.mocks import MockSystems, make_mocks, write_mock_fits
+from tfhybrid.lens.mocks import MockSystems, make_mocks, parameter_cards, write_mock_fits
 from tfhybrid.lens.model import LensPosterior
 from tfhybrid.lens.robust import sandwich_adjusted_samples, sandwich_intervals
 from tfhybrid.physics.lensing import PARAM_NAMES, source_surface_brightness
@@ -166,8 +166,9 @@ def load_map_hessian(map_json, data: dict) -> np.ndarray | None:
 
 def write_observed_model_fits(out_dir, posterior: LensPosterior, fit: LensMap, images,
                               scales) -> list[Path]:
-    """For fits of observed images: ``OUT/<image stem>_map.fits`` per image, in the image's
-    own units and WCS, to compare with it pixel by pixel (e.g. in DS9).
+    """For fits of observed images: ``OUT/<image stem>_map.fits`` per image (``NNN_<stem>``
+    when two images share a name), in the image's own units and WCS, to compare with it pixel
+    by pixel (e.g. in DS9).
 
     Primary HDU: the MAP model image times the image's flux scale (``FLUXSCAL``), with the
     input's celestial WCS (or its ``PIXSCALE``), ``BUNIT`` and the MAP parameters
@@ -182,8 +183,6 @@ def write_observed_model_fits(out_dir, posterior: LensPosterior, fit: LensMap, i
     from astropy.io import fits
     from astropy.wcs import WCS
 
-    from tfhybrid.lens.mocks import parameter_cards
-
     state = fit.state()
     model = posterior.predict(dict(zip(PARAM_NAMES, state[:-1], strict=True)),
                               state[-1]).numpy().astype(np.float64)
@@ -191,6 +190,9 @@ def write_observed_model_fits(out_dir, posterior: LensPosterior, fit: LensMap, i
     with np.errstate(invalid="ignore"):
         residual = np.where(np.isfinite(noise),
                             (posterior.observed_images - model) / noise, np.nan)
+    stems = [Path(image.path).stem for image in images]
+    if len(set(stems)) < len(stems):  # images of one name from several directories
+        stems = [f"{i:03d}_{stem}" for i, stem in enumerate(stems)]
     paths = []
     for i, (image, scale) in enumerate(zip(images, scales, strict=True)):
         primary = fits.PrimaryHDU((model[i] * scale).astype(np.float32))
@@ -210,7 +212,7 @@ def write_observed_model_fits(out_dir, posterior: LensPosterior, fit: LensMap, i
         resid = fits.ImageHDU(residual[i].astype(np.float32), header=wcs.celestial.to_header()
                               if wcs.has_celestial else None, name="RESIDUAL")
         resid.header["COMMENT"] = "(observed - model) / sigma; NaN where masked"
-        path = Path(out_dir) / f"{Path(image.path).stem}_map.fits"
+        path = Path(out_dir) / f"{stems[i]}_map.fits"
         with atomic_path(path) as tmp:
             fits.HDUList([primary, resid]).writeto(tmp, overwrite=True)
         paths.append(path)
