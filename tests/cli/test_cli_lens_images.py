@@ -106,6 +106,9 @@ def test_fit_and_sample_observed_images(observed, tmp_path, capsys):
     estimated = float(out.split("noise σ estimated at ")[1].split()[0])
     assert estimated == pytest.approx(observed["sigma"], rel=0.1)
     assert "PSF image 11 x 11, binned 3x to the images' pixels" in out
+    assert "draws x 1 chain(s) in" in out and "after a pilot of 6 (" in out
+    sampled = json.loads((sample_dir / "summary.json").read_text())
+    assert sampled["pilot_draws"] == 6 and sampled["pilot_sampling_s"] > 0
     assert "HMC: 4 draws" in out
     assert (sample_dir / "posterior.nc").is_file()
 

@@ -552,8 +552,10 @@ def run_sample(args) -> int:
     summary = write_sample_outputs(args.out, samples, fit,
                                    None if mocks is None else mocks.params, labels=labels,
                                    posterior=posterior, adjusted=adjusted)
+    pilot = (f" after a pilot of {summary['pilot_draws']} ({summary['pilot_sampling_s']:.1f} s)"
+             if summary["pilot_draws"] else "")
     print(f"{args.kernel.upper()}: {args.num_results} draws x {args.chains} chain(s) in "
-          f"{summary['wall_time_s']:.1f} s; acceptance {summary['acceptance_rate']:.2f}, "
+          f"{summary['wall_time_s']:.1f} s{pilot}; acceptance {summary['acceptance_rate']:.2f}, "
           f"min ESS {summary['min_ess']:.0f}, max R-hat {summary['max_r_hat']:.3f} "
           f"-> {args.out}/")
     if adjusted is not None:

@@ -216,11 +216,14 @@ class LensSamples:
     params : dict name → (num_results, num_chains, S) draws of each parameter.
     z : (num_results, num_chains, S, latent_dim) draws of the latent.
     result : the engine's :class:`tfhybrid.inference.mcmc.PosteriorResult`.
+    pilot : the pilot chain's result when ``pilot_draws`` re-whitened the sampler, else None
+        (its time is not in ``result``'s).
     """
 
     params: dict
     z: np.ndarray
     result: PosteriorResult
+    pilot: PosteriorResult | None = None
 
     def mean(self) -> dict:
         """Posterior mean of each parameter and of the derived ``theta_e``: name → (S,)."""
@@ -1576,6 +1579,7 @@ def sample_lens_posterior(
         )
         return res, to_unconstrained
 
+    pilot = None
     if pilot_draws:
         pilot, _ = run(amat, int(pilot_draws), int(seed) + 1,
                        None if checkpoint_dir is None else Path(checkpoint_dir) / "pilot")
@@ -1585,7 +1589,7 @@ def sample_lens_posterior(
     parts, _ = _unflatten(posterior, bijs, u, sizes, to_unconstrained(draws))
     params = {name: np.asarray(p, dtype=np.float64)
               for name, p in zip(PARAM_NAMES, parts[:-1], strict=True)}
-    return LensSamples(params, np.asarray(parts[-1]), res)
+    return LensSamples(params, np.asarray(parts[-1]), res, pilot)
 
 
 #: how many draws' worth the pilot's covariance is shrunk towards the Laplace whitening

@@ -370,6 +370,11 @@ def write_sample_outputs(out_dir, samples: LensSamples, fit: LensMap | None = No
         num_divergences=diag["num_divergences"], min_ess=diag["min_ess"],
         max_r_hat=diag["max_r_hat"], step_size=float(np.asarray(res.step_size).ravel()[0]),
         num_gradient_evaluations=res.num_gradient_evaluations,
+        # the pilot chain that re-whitened the sampler (its time is not in wall_time_s)
+        pilot_draws=(0 if samples.pilot is None
+                     else int(np.asarray(samples.pilot.samples[0]).shape[0])),
+        pilot_sampling_s=(0.0 if samples.pilot is None
+                          else float(samples.pilot.total_sampling_s)),
         mean={k: v.tolist() for k, v in mean.items()},
         std={k: v.tolist() for k, v in samples.std().items()},
         ess={k: v.tolist() for k, v in ess.items()},
