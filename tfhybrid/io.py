@@ -101,7 +101,7 @@ def load_arrays_npz(path: str | os.PathLike) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise TfhybridInputError(f"expected a weights file {path}; it does not exist")
+        raise TfhybridInputError(f"expected the file {path}; it does not exist")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}

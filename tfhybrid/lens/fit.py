@@ -1563,6 +1563,11 @@ def sample_lens_posterior(
     else:
         step0 = step_size
 
+    # the sampler's state is the whitened offset from the MAP: the chunks depend on the data,
+    # the model, the MAP and the whitening, none of which its start shows (digested once)
+    fingerprint = None if checkpoint_dir is None else dict(
+        posterior_fingerprint(posterior), map_sha1=array_digest(flat.numpy()))
+
     def run(amat, num_draws, run_seed, directory):
         to_unconstrained, target = whitened(amat)
         res = sample_posterior(
@@ -1571,11 +1576,8 @@ def sample_lens_posterior(
             progress=progress, num_leapfrog_steps=num_leapfrog_steps, jit_compile=jit_compile,
             names=["w"], adapt=("step_size" if adapt_step else False) if precondition else True,
             step_size=step0,
-            # the sampler's state is the whitened offset from the MAP: the chunks depend on the
-            # data, the model, the MAP and the whitening, none of which its start shows
             checkpoint_config=None if directory is None else dict(
-                posterior_fingerprint(posterior), map_sha1=array_digest(flat.numpy()),
-                whitening_sha1=array_digest(amat.numpy())),
+                fingerprint, whitening_sha1=array_digest(amat.numpy())),
         )
         return res, to_unconstrained
 

@@ -356,7 +356,9 @@ class LensPosterior:
     @property
     def inverse_variance(self) -> np.ndarray:
         """``1 / σ_p²`` of every pixel, ``(S, n_pix, n_pix)``; 0 where a pixel is masked."""
-        return 1.0 / self.noise_map.astype(np.float64) ** 2
+        s, n = self.num_systems, self.config.n_pix
+        weights = np.ones((s, n, n)) if self._weights is None else self._weights.numpy()
+        return weights.astype(np.float64) / self.noise_sigma.astype(np.float64)[:, None, None] ** 2
 
     def source_images(self, z) -> tf.Tensor:
         """Decoder means ``d(z)``: ``(..., latent_dim)`` → ``(..., 64, 64)``."""
